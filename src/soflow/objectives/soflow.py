@@ -1,0 +1,222 @@
+"""The SoFlow objective: flow-matching loss + solution-consistency loss, with training-time guidance.
+
+One training step makes exactly one network forward with grad (flow-matching rows and
+consistency rows together) plus the forwards the method needs without grad: the guidance
+velocities, when guidance is on, and the consistency target.  Nothing in it synchronizes with
+the host.  Statistics come back as detached tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..paths import conditional_velocity, expand_as_rows, interpolate
+from ..solution import SolutionFlow
+from ..times import consistency_times, guidance_decay, logit_normal, middle_ratio
+
+
+@dataclass
+class Rows:
+    """One group of training rows: data x0, noise x1, times (s = t for flow matching)."""
+
+    x0: Tensor
+    x1: Tensor
+    t: Tensor
+    s: Tensor
+    l: Tensor | None = None  # middle time of the consistency target
+    labels: Tensor | None = None  # already label-dropped (null id where cfg_mask)
+    cfg_mask: Tensor | None = None  # True where the label was dropped
+    augment_labels: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.x0.shape[0]
+
+
+def _cat(*parts):
+    parts = [p for p in parts if p is not None]
+    return torch.cat(parts) if parts else None
+
+
+def _mean_per_row(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], -1).mean(dim=1)
+
+
+def has_active_dropout(net: nn.Module) -> bool:
+    return net.training and any(
+        (isinstance(m, nn.Dropout) and m.p > 0) or (isinstance(getattr(m, "dropout", None), float) and m.dropout > 0)
+        for m in net.modules())
+
+
+class _RngCheckpoint:
+    """Saves the generator state that dropout draws from, so a second forward repeats the masks."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.state = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+    def restore(self):
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(self.state, self.device)
+        else:
+            torch.set_rng_state(self.state)
+
+
+@dataclass
+class SoFlowLoss:
+    """Callable loss: `loss, stats = SoFlowLoss(...)(flow, x0, labels, step)`.
+
+    p, eps:               adaptive weight 1 / (mse + eps)^p of both losses
+    velocity_loss_ratio:  share of each batch given to the flow-matching loss (the first rows)
+    time_mean, time_std:  logit-normal (mean, std) of [flow-matching t, consistency s, consistency t]
+    cfg_scale (w), mix_ratio (m), cfg_drop_rate, cfg_decay_time (tau): training-time guidance
+    schedule, r_init, r_end, total_steps: r(k, K) placing the middle time l = t + (s - t) r
+    """
+
+    p: float = 1.0
+    eps: float = 0.01
+    velocity_loss_ratio: float = 0.75
+    time_mean: tuple = (-0.2, -1.0, 0.2)
+    time_std: tuple = (1.0, 0.8, 0.8)
+    cfg_scale: float = 1.0
+    mix_ratio: float = 1.0
+    cfg_drop_rate: float = 0.0
+    cfg_decay_time: float = 1.0
+    schedule: str = "exponent"
+    r_init: float = 0.1
+    r_end: float = 0.002
+    total_steps: int = 400_000
+    stats: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        middle_ratio(self.schedule, 0, 1, self.r_init, self.r_end)  # validates the schedule name
+        if not 0.0 <= self.velocity_loss_ratio <= 1.0:
+            raise ValueError(f"velocity_loss_ratio must lie in [0, 1], got {self.velocity_loss_ratio}")
+        if len(self.time_mean) != 3 or len(self.time_std) != 3:
+            raise ValueError("time_mean and time_std need 3 entries: flow-matching t, consistency s, consistency t")
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_scale != 1.0 or self.mix_ratio != 1.0
+
+    def __call__(self, flow: SolutionFlow, x0: Tensor, labels: Tensor | None = None, step: int = 0,
+                 augment_labels: Tensor | None = None, net: nn.Module | None = None) -> tuple[Tensor, dict]:
+        """Total loss (n_v / B) L_FM + (n_c / B) L_cons on a batch; `net` may be a DDP/compiled wrapper."""
+        b, dev = x0.shape[0], x0.device
+        n_v = int(self.velocity_loss_ratio * b)
+        x1 = torch.randn_like(x0)
+        cfg_mask = None
+        if labels is not None and self.cfg_drop_rate > 0:
+            cfg_mask = torch.rand(b, device=dev) < self.cfg_drop_rate
+            labels = torch.where(cfg_mask, torch.full_like(labels, flow.num_classes), labels)
+        r = middle_ratio(self.schedule, step, self.total_steps, self.r_init, self.r_end)
+        t_v = logit_normal(n_v, self.time_mean[0], self.time_std[0], device=dev)
+        t_c, s_c, l_c = consistency_times(b - n_v, self.time_mean[1], self.time_std[1],
+                                          self.time_mean[2], self.time_std[2], r, device=dev)
+        rows = lambda sl, **kw: Rows(x0[sl], x1[sl], labels=None if labels is None else labels[sl],
+                                     cfg_mask=None if cfg_mask is None else cfg_mask[sl],
+                                     augment_labels=None if augment_labels is None else augment_labels[sl], **kw)
+        fm = rows(slice(0, n_v), t=t_v, s=t_v)
+        cons = rows(slice(n_v, b), t=t_c, s=s_c, l=l_c)
+        velocity_loss, consistency_loss, stats = self.losses(flow, fm, cons, net)
+        stats["r"] = torch.tensor(r)
+        return (n_v / b) * velocity_loss + ((b - n_v) / b) * consistency_loss, stats
+
+    def losses(self, flow: SolutionFlow, fm: Rows, cons: Rows, net: nn.Module | None = None):
+        """L_FM on the rows `fm` and L_cons on the rows `cons` (either may be empty)."""
+        net = flow.net if net is None else net
+        n_v = len(fm)
+        groups = [g for g in (fm, cons) if len(g)]
+        x_t = [interpolate(flow.path, g.x0, g.x1, g.t) for g in groups]
+        v_t = [conditional_velocity(flow.path, g.x0, g.x1, g.t) for g in groups]
+
+        # The one forward with grad: F(x_t, t, t) on FM rows and F(x_t, t, s) on consistency rows.
+        # Dropout masks of this forward are replayed by the consistency target (same RNG state).
+        rng = _RngCheckpoint(fm.x0.device) if has_active_dropout(flow.net) else None
+        args = (torch.cat(x_t), _cat(*(g.t for g in groups)), _cat(*(g.s for g in groups)),
+                _cat(*(g.labels for g in groups)), _cat(*(g.augment_labels for g in groups)))
+        out = net(*args).to(fm.x0.dtype)
+        v_pred = flow.velocity_from(x_t[0], fm.t, out[:n_v]) if n_v else None
+
+        with torch.no_grad():
+            targets = self._guided_velocities(flow, fm, cons, x_t, v_t, v_pred)
+        stats = {}
+        velocity_loss = consistency_loss = out.new_zeros(())
+        if n_v:
+            velocity_loss = self._velocity_loss(flow, fm, v_pred, targets[0], stats)
+        if len(cons):
+            consistency_loss = self._consistency_loss(flow, cons, x_t[-1], out[n_v:], targets[-1],
+                                                      rng, args if n_v else None, stats)
+        return velocity_loss, consistency_loss, stats
+
+    def _guided_velocities(self, flow, fm: Rows, cons: Rows, x_t, v_t, v_pred) -> list[Tensor]:
+        """Target velocities with training-time guidance (no grad):
+
+            v_g = v + g(t) (w - 1) (v - v_uncond),    v_mix = m v_g + (1 - m) v_cond,
+
+        v the conditional path velocity, v_uncond and v_cond model velocities with the null and the
+        true label; label-dropped rows keep v.  On flow-matching rows v_cond is the prediction itself.
+        """
+        groups = [g for g in (fm, cons) if len(g)]
+        if groups[0].labels is None or not self.guided:
+            if self.guided:
+                raise ValueError("cfg_scale / mix_ratio need class labels; set them to 1 for unconditional data")
+            return v_t
+        null = torch.full_like(groups[0].labels, flow.num_classes)
+        xs, ts, ys, augs = list(x_t), [g.t for g in groups], [null[: len(g)] for g in groups], [g.augment_labels for g in groups]
+        cond_needed = self.mix_ratio != 1.0 and len(cons)
+        if cond_needed:  # conditional model velocity on consistency rows, batched with the uncond ones
+            xs.append(x_t[-1]); ts.append(cons.t); ys.append(cons.labels); augs.append(cons.augment_labels)
+        x, t = torch.cat(xs), torch.cat(ts)
+        v_model = flow.velocity_from(x, t, flow.net(x, t, t, torch.cat(ys), _cat(*augs)).to(x.dtype))
+        v_model = list(v_model.split([len(x_) for x_ in xs]))
+        v_cond = [v_pred.detach()] if len(fm) else []
+        if cond_needed:
+            v_cond.append(v_model.pop())
+        targets = []
+        for g, v, v_unc, v_c in zip(groups, v_t, v_model, v_cond + [None] * (len(groups) - len(v_cond))):
+            decay = expand_as_rows(guidance_decay(g.t, self.cfg_decay_time), v)
+            v_g = v + decay * (self.cfg_scale - 1) * (v - v_unc)
+            v_mix = v_g if v_c is None else self.mix_ratio * v_g + (1 - self.mix_ratio) * v_c
+            targets.append(torch.where(expand_as_rows(g.cfg_mask, v), v, v_mix) if g.cfg_mask is not None else v_mix)
+        return targets
+
+    def _velocity_loss(self, flow, fm: Rows, v_pred: Tensor, target: Tensor, stats: dict) -> Tensor:
+        """L_FM = mean_i sg(w_i) mse_i,  w_i = 1 / (|d_s b(t, t)| (mse_i + eps)^p)."""
+        mse = _mean_per_row((v_pred - target) ** 2)
+        weight = 1 / (flow.param.ds_b(fm.t, fm.t).abs() * (mse.detach() + self.eps) ** self.p)
+        stats["velocity_mse"], stats["velocity_weight"] = mse.detach().mean(), weight.mean()
+        return (weight * mse).mean()
+
+    def _consistency_loss(self, flow, cons: Rows, x_t: Tensor, out_t: Tensor, v_mix: Tensor,
+                          rng: _RngCheckpoint | None, fm_args, stats: dict) -> Tensor:
+        """Solution consistency between t and the middle time l (s < l < t), target without grad:
+
+            dq = (f(x_t, t, s) - sg f(x_t + v_mix (l - t), l, s)) / (t - l),   w = (mean dq^2 + eps)^-p.
+
+        The loss mean_i sgn(b(t, s)) mean_d(F(x_t, t, s) sg(w dq)) has the gradient of
+        sg(w) (t - l) / (2 |b|) mean_d dq^2, the weighted PDE residual, without dividing by the gap.
+        The target uses the online network with the dropout masks of the forward with grad.
+        """
+        with torch.no_grad():
+            f_t = flow.solution_from(x_t, cons.t, cons.s, out_t.detach())
+            gap = expand_as_rows(cons.t - cons.l, x_t)
+            x_l = x_t - v_mix * gap
+            if rng is not None:
+                rng.restore()
+            if rng is not None and fm_args is not None:
+                # Same masks need the same shapes: rerun the whole batch, keep the consistency rows.
+                n_v = fm_args[0].shape[0] - len(cons)
+                args = (torch.cat([fm_args[0][:n_v], x_l]), torch.cat([fm_args[1][:n_v], cons.l]), *fm_args[2:])
+                out_l = flow.net(*args)[n_v:]
+            else:
+                out_l = flow.net(x_l, cons.l, cons.s, cons.labels, cons.augment_labels)
+            f_l = flow.solution_from(x_l, cons.l, cons.s, out_l.to(x_t.dtype))
+            dq = (f_t - f_l) / gap
+            mse = _mean_per_row(dq ** 2)
+            weight = (mse + self.eps) ** -self.p
+            sign = torch.sign(flow.param.b(cons.t, cons.s))
+        stats["consistency_mse"], stats["consistency_weight"] = mse.mean(), weight.mean()
+        return (sign * _mean_per_row(out_t * dq) * weight).mean()

@@ -1,0 +1,59 @@
+"""Loading the reference implementation's checkpoints into soflow networks.
+
+A reference checkpoint is a `torch.save` dict {'model', 'ema_model', 'optimizer',
+'finished_steps', 'finished_epochs'} whose model entries hold the network under a `network.`
+prefix.  soflow's networks use the reference module names, so conversion strips the prefix and
+checks every name and shape; anything else is an error naming the first offending tensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+PREFIX = "network."
+CHECKPOINT_KEYS = ("ema_model", "model")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or does not fit the network."""
+
+
+def read_reference_checkpoint(path: str | Path, which: str = "ema_model") -> dict[str, Tensor]:
+    """The network tensors of a reference checkpoint (EMA by default), prefix stripped."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holds non-tensor objects
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(blob, dict) or which not in blob:
+        keys = ", ".join(map(str, blob)) if isinstance(blob, dict) else type(blob).__name__
+        raise CheckpointError(f"{path}: no {which!r} entry (found {keys}); expected a reference checkpoint "
+                              f"with {', '.join(CHECKPOINT_KEYS)}")
+    return strip_prefix(blob[which], source=str(path))
+
+
+def strip_prefix(state: dict[str, Tensor], source: str = "state dict") -> dict[str, Tensor]:
+    if not state or not all(k.startswith(PREFIX) for k in state):
+        raise CheckpointError(f"{source}: expected every tensor name to start with {PREFIX!r}")
+    return {k[len(PREFIX):]: v for k, v in state.items()}
+
+
+def load_into(net: nn.Module, state: dict[str, Tensor], source: str = "state dict") -> nn.Module:
+    """Copy `state` into `net`, requiring the same names and shapes."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+             for k in own if k in state and state[k].shape != own[k].shape]
+    problems = ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
+               ([f"unexpected {', '.join(unexpected[:3])}"] if unexpected else []) + \
+               ([f"shape {', '.join(wrong[:3])}"] if wrong else [])
+    if problems:
+        raise CheckpointError(f"{source} does not fit {type(net).__name__}: {'; '.join(problems)}")
+    net.load_state_dict(state, strict=True, assign=any(p.is_meta for p in net.parameters()))
+    return net
