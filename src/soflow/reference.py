@@ -57,3 +57,37 @@ def load_into(net: nn.Module, state: dict[str, Tensor], source: str = "state dic
         raise CheckpointError(f"{source} does not fit {type(net).__name__}: {'; '.join(problems)}")
     net.load_state_dict(state, strict=True, assign=any(p.is_meta for p in net.parameters()))
     return net
+
+
+def network_from_reference_args(kind: str, args: dict) -> nn.Module:
+    """Build the soflow network for the reference constructor arguments of a DiT or SongUNet."""
+    from .nets import DiT, SongUNet
+
+    args = dict(args)
+    if kind == "dit":
+        if args.pop("learn_sigma", False):
+            raise CheckpointError("learn_sigma=True DiTs predict a variance; solution networks do not")
+        drop = args.pop("class_dropout_prob", 0.0)
+        return DiT(**args, null_class=drop > 0)
+    if kind == "unet":
+        fixed = {"embedding_type": "positional", "encoder_type": "standard", "decoder_type": "standard",
+                 "label_dropout": 0}
+        for key, value in fixed.items():
+            if args.pop(key, value) != value:
+                raise CheckpointError(f"U-Net {key}={args.get(key)!r} is not supported (only {value!r})")
+        return SongUNet(**args)
+    raise CheckpointError(f"unknown reference network kind {kind!r}; expected 'dit' or 'unet'")
+
+
+def load_reference_network(path: str | Path, model_type: str, which: str = "ema_model", **overrides) -> nn.Module:
+    """A registry network (`model_type` as in the reference configs, e.g. 'DiT-XL-2' or 'UNet')
+    with the weights of a reference checkpoint.  A DiT's null-class row is inferred from the
+    checkpoint's label table."""
+    from .nets import build, canonical_name
+
+    state = read_reference_checkpoint(path, which)
+    name = canonical_name(model_type)
+    table = state.get("y_embedder.embedding_table.weight")
+    if name.startswith("dit") and table is not None:
+        overrides.setdefault("null_class", table.shape[0] == overrides.get("num_classes", 1000) + 1)
+    return load_into(build(name, **overrides), state, source=str(path))

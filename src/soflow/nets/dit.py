@@ -157,6 +157,10 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     @property
+    def sample_shape(self) -> tuple:
+        return (self.in_channels, self.input_size, self.input_size)
+
+    @property
     def null_label(self) -> int:
         return self.num_classes
 

@@ -28,6 +28,10 @@ class ResidualMLP(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     @property
+    def sample_shape(self) -> tuple:
+        return (self.dim,)
+
+    @property
     def null_label(self) -> int:
         return self.num_classes
 

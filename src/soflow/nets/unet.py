@@ -186,6 +186,10 @@ class SongUNet(nn.Module):
         self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = Conv2d(
             cout, out_channels, 3, init_mode="xavier_uniform", init_weight=1e-5)
 
+    @property
+    def sample_shape(self) -> tuple:
+        return (self.in_channels, self.img_resolution, self.img_resolution)
+
     def embed(self, t: Tensor, s: Tensor) -> Tensor:
         """[Emb(t), Emb(t - s)] -> 2 * noise_channels features."""
         return torch.cat([self.map_noise(t), self.map_noise(t - s)], dim=1)
@@ -196,7 +200,9 @@ class SongUNet(nn.Module):
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"x has shape {tuple(x.shape)}; this U-Net expects [B, {', '.join(map(str, expected))}]")
         emb = self.embed(t.to(x.dtype), s.to(x.dtype))
-        if self.map_label is not None and labels is not None:
+        if self.map_label is not None:  # the null class (or no label) is the all-zero class vector
+            if labels is None:
+                labels = torch.full_like(t, self.num_classes, dtype=torch.long)
             onehot = F.one_hot(labels, self.num_classes + 1)[:, : self.num_classes].to(emb.dtype)
             emb = emb + self.map_label(onehot * math.sqrt(self.num_classes))
         if self.map_augment is not None and augment_labels is not None:

@@ -125,7 +125,10 @@ class SoFlowLoss:
         return (n_v / b) * velocity_loss + ((b - n_v) / b) * consistency_loss, stats
 
     def losses(self, flow: SolutionFlow, fm: Rows, cons: Rows, net: nn.Module | None = None):
-        """L_FM on the rows `fm` and L_cons on the rows `cons` (either may be empty)."""
+        """L_FM on the rows `fm` and L_cons on the rows `cons` (either may be empty).
+
+        `net` (default flow.net) is what gets called: a DDP, FSDP or compiled wrapper of flow.net.
+        """
         net = flow.net if net is None else net
         n_v = len(fm)
         groups = [g for g in (fm, cons) if len(g)]
@@ -141,17 +144,17 @@ class SoFlowLoss:
         v_pred = flow.velocity_from(x_t[0], fm.t, out[:n_v]) if n_v else None
 
         with torch.no_grad():
-            targets = self._guided_velocities(flow, fm, cons, x_t, v_t, v_pred)
+            targets = self._guided_velocities(flow, net, fm, cons, x_t, v_t, v_pred)
         stats = {}
         velocity_loss = consistency_loss = out.new_zeros(())
         if n_v:
             velocity_loss = self._velocity_loss(flow, fm, v_pred, targets[0], stats)
         if len(cons):
-            consistency_loss = self._consistency_loss(flow, cons, x_t[-1], out[n_v:], targets[-1],
+            consistency_loss = self._consistency_loss(flow, net, cons, x_t[-1], out[n_v:], targets[-1],
                                                       rng, args if n_v else None, stats)
         return velocity_loss, consistency_loss, stats
 
-    def _guided_velocities(self, flow, fm: Rows, cons: Rows, x_t, v_t, v_pred) -> list[Tensor]:
+    def _guided_velocities(self, flow, net, fm: Rows, cons: Rows, x_t, v_t, v_pred) -> list[Tensor]:
         """Target velocities with training-time guidance (no grad):
 
             v_g = v + g(t) (w - 1) (v - v_uncond),    v_mix = m v_g + (1 - m) v_cond,
@@ -170,7 +173,7 @@ class SoFlowLoss:
         if cond_needed:  # conditional model velocity on consistency rows, batched with the uncond ones
             xs.append(x_t[-1]); ts.append(cons.t); ys.append(cons.labels); augs.append(cons.augment_labels)
         x, t = torch.cat(xs), torch.cat(ts)
-        v_model = flow.velocity_from(x, t, flow.net(x, t, t, torch.cat(ys), _cat(*augs)).to(x.dtype))
+        v_model = flow.velocity_from(x, t, net(x, t, t, torch.cat(ys), _cat(*augs)).to(x.dtype))
         v_model = list(v_model.split([len(x_) for x_ in xs]))
         v_cond = [v_pred.detach()] if len(fm) else []
         if cond_needed:
@@ -190,7 +193,7 @@ class SoFlowLoss:
         stats["velocity_mse"], stats["velocity_weight"] = mse.detach().mean(), weight.mean()
         return (weight * mse).mean()
 
-    def _consistency_loss(self, flow, cons: Rows, x_t: Tensor, out_t: Tensor, v_mix: Tensor,
+    def _consistency_loss(self, flow, net, cons: Rows, x_t: Tensor, out_t: Tensor, v_mix: Tensor,
                           rng: _RngCheckpoint | None, fm_args, stats: dict) -> Tensor:
         """Solution consistency between t and the middle time l (s < l < t), target without grad:
 
@@ -210,9 +213,9 @@ class SoFlowLoss:
                 # Same masks need the same shapes: rerun the whole batch, keep the consistency rows.
                 n_v = fm_args[0].shape[0] - len(cons)
                 args = (torch.cat([fm_args[0][:n_v], x_l]), torch.cat([fm_args[1][:n_v], cons.l]), *fm_args[2:])
-                out_l = flow.net(*args)[n_v:]
+                out_l = net(*args)[n_v:]
             else:
-                out_l = flow.net(x_l, cons.l, cons.s, cons.labels, cons.augment_labels)
+                out_l = net(x_l, cons.l, cons.s, cons.labels, cons.augment_labels)
             f_l = flow.solution_from(x_l, cons.l, cons.s, out_l.to(x_t.dtype))
             dq = (f_t - f_l) / gap
             mse = _mean_per_row(dq ** 2)
