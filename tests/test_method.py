@@ -207,7 +207,7 @@ def test_training_step_makes_one_forward_with_grad(cfg, expected):
     loss, stats = SoFlowLoss(velocity_loss_ratio=0.75, **cfg)(flow, torch.randn(8, 4, 16, 16), torch.randint(5, (8,)), step=10)
     loss.backward()
     assert calls == expected
-    assert set(stats) >= {"velocity_mse", "velocity_weight", "consistency_mse", "consistency_weight", "r"}
+    assert set(stats) >= {"velocity_mse", "velocity_weight", "consistency_mse", "consistency_weight"}
     assert all(isinstance(v, torch.Tensor) for v in stats.values())
 
 

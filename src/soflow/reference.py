@@ -21,8 +21,8 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be read or does not fit the network."""
 
 
-def read_reference_checkpoint(path: str | Path, which: str = "ema_model") -> dict[str, Tensor]:
-    """The network tensors of a reference checkpoint (EMA by default), prefix stripped."""
+def read_reference_blob(path: str | Path) -> dict:
+    """The whole reference checkpoint dict, loaded with weights_only=True."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -30,11 +30,21 @@ def read_reference_checkpoint(path: str | Path, which: str = "ema_model") -> dic
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or holds non-tensor objects
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    if not isinstance(blob, dict) or which not in blob:
+    if not isinstance(blob, dict) or not any(k in blob for k in CHECKPOINT_KEYS):
         keys = ", ".join(map(str, blob)) if isinstance(blob, dict) else type(blob).__name__
-        raise CheckpointError(f"{path}: no {which!r} entry (found {keys}); expected a reference checkpoint "
-                              f"with {', '.join(CHECKPOINT_KEYS)}")
-    return strip_prefix(blob[which], source=str(path))
+        raise CheckpointError(f"{path}: found {keys}; expected a reference checkpoint with {', '.join(CHECKPOINT_KEYS)}")
+    return blob
+
+
+def network_state(blob: dict, which: str, source: str) -> dict[str, Tensor]:
+    if which not in blob:
+        raise CheckpointError(f"{source}: no {which!r} entry (found {', '.join(map(str, blob))})")
+    return strip_prefix(blob[which], source=source)
+
+
+def read_reference_checkpoint(path: str | Path, which: str = "ema_model") -> dict[str, Tensor]:
+    """The network tensors of a reference checkpoint (EMA by default), prefix stripped."""
+    return network_state(read_reference_blob(path), which, str(path))
 
 
 def strip_prefix(state: dict[str, Tensor], source: str = "state dict") -> dict[str, Tensor]:
@@ -91,3 +101,34 @@ def load_reference_network(path: str | Path, model_type: str, which: str = "ema_
     if name.startswith("dit") and table is not None:
         overrides.setdefault("null_class", table.shape[0] == overrides.get("num_classes", 1000) + 1)
     return load_into(build(name, **overrides), state, source=str(path))
+
+
+def convert_reference_run(checkpoint: str | Path, config: str | Path, out: str | Path) -> Path:
+    """A soflow run folder (config.yaml + checkpoints/) from a reference checkpoint and its YAML.
+
+    Model and EMA weights carry over; the optimizer state starts fresh and the step is the
+    reference's `finished_steps`, so training resumes on the same schedule r(k, K).
+    """
+    from .train.build import build_flow
+    from .train.checkpoint import FORMAT, atomic_save, checkpoint_dir
+    from .train.config import dump, load
+
+    cfg = load(str(config))
+    data_shape = {"cifar10": (3, 32, 32), "imagenet-latents": (4, 32, 32)}.get(cfg.data.name)
+    if data_shape is None:
+        raise CheckpointError(f"{config}: dataset {cfg.data.name!r} is not one of the reference datasets")
+    num_classes = 1000 if cfg.data.name == "imagenet-latents" else 0
+    path = Path(checkpoint)
+    blob = read_reference_blob(path)
+    online, ema = network_state(blob, "model", str(path)), network_state(blob, "ema_model", str(path))
+    flow = build_flow(cfg, data_shape, num_classes)
+    load_into(flow.net, online, source=f"{path} (model)")
+    load_into(flow.net, ema, source=f"{path} (ema_model)")
+    step = int(blob.get("finished_steps", 0))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump(cfg))
+    atomic_save({"format": FORMAT, "step": step, "config": cfg.to_dict(), "sample_shape": list(data_shape),
+                 "num_classes": num_classes, "net": online, "ema": ema, "optimizer": {}, "rng": [],
+                 "world_size": 0}, checkpoint_dir(out) / f"ckpt-{step:08d}.pt")
+    return out

@@ -14,20 +14,14 @@ from __future__ import annotations
 
 import contextlib
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from .paths import expand_as_rows
+from .seeding import generator
 from .solution import SolutionFlow
 
 MODES = ("renoise", "chain")
-
-
-def sample_seed(seed: int, index: int) -> int:
-    """A 64-bit generator seed for sample `index` of a run seeded `seed` (hashed, so that
-    (seed, i + 1) and (seed + 1, i) differ)."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
 
 
 def draw_inputs(shape: tuple, nfe: int, mode: str, num_classes: int, seed: int, indices) -> tuple[Tensor, Tensor | None]:
@@ -35,7 +29,7 @@ def draw_inputs(shape: tuple, nfe: int, mode: str, num_classes: int, seed: int, 
     draws = nfe if mode == "renoise" else 1
     noise, labels = [], []
     for i in indices:
-        g = torch.Generator().manual_seed(sample_seed(seed, int(i)))
+        g = generator(seed, int(i))
         if num_classes:
             labels.append(torch.randint(num_classes, (), generator=g))
         noise.append(torch.randn(draws, *shape, generator=g))

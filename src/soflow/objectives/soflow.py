@@ -101,6 +101,10 @@ class SoFlowLoss:
     def guided(self) -> bool:
         return self.cfg_scale != 1.0 or self.mix_ratio != 1.0
 
+    def ratio(self, step: int) -> float:
+        """r(k, K) at training step k."""
+        return middle_ratio(self.schedule, step, self.total_steps, self.r_init, self.r_end)
+
     def __call__(self, flow: SolutionFlow, x0: Tensor, labels: Tensor | None = None, step: int = 0,
                  augment_labels: Tensor | None = None, net: nn.Module | None = None) -> tuple[Tensor, dict]:
         """Total loss (n_v / B) L_FM + (n_c / B) L_cons on a batch; `net` may be a DDP/compiled wrapper."""
@@ -111,7 +115,7 @@ class SoFlowLoss:
         if labels is not None and self.cfg_drop_rate > 0:
             cfg_mask = torch.rand(b, device=dev) < self.cfg_drop_rate
             labels = torch.where(cfg_mask, torch.full_like(labels, flow.num_classes), labels)
-        r = middle_ratio(self.schedule, step, self.total_steps, self.r_init, self.r_end)
+        r = self.ratio(step)
         t_v = logit_normal(n_v, self.time_mean[0], self.time_std[0], device=dev)
         t_c, s_c, l_c = consistency_times(b - n_v, self.time_mean[1], self.time_std[1],
                                           self.time_mean[2], self.time_std[2], r, device=dev)
@@ -121,7 +125,6 @@ class SoFlowLoss:
         fm = rows(slice(0, n_v), t=t_v, s=t_v)
         cons = rows(slice(n_v, b), t=t_c, s=s_c, l=l_c)
         velocity_loss, consistency_loss, stats = self.losses(flow, fm, cons, net)
-        stats["r"] = torch.tensor(r)
         return (n_v / b) * velocity_loss + ((b - n_v) / b) * consistency_loss, stats
 
     def losses(self, flow: SolutionFlow, fm: Rows, cons: Rows, net: nn.Module | None = None):

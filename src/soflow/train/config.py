@@ -1,0 +1,317 @@
+"""Typed run configuration: dataclass defaults <- YAML preset or file <- dotted `--set` overrides.
+
+Every error names the offending key and says what it accepts (ConfigError, one line).
+The reference implementation's flat YAML files are recognised and translated (`from_reference`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config problem; the message is one line naming the key."""
+
+
+@dataclass
+class ModelConfig:
+    net: str = "mlp"  # a name from soflow.nets.REGISTRY
+    net_args: dict = field(default_factory=dict)  # constructor overrides, e.g. {hidden: 128}
+    path: str = "linear"  # noising path: linear | trig
+    parameterization: str = "euler"  # euler | trig
+
+
+@dataclass
+class ObjectiveConfig:
+    """SoFlow loss settings (names follow soflow.objectives.SoFlowLoss)."""
+
+    p: float = 1.0
+    eps: float = 0.01
+    velocity_loss_ratio: float = 0.75
+    time_mean: list = field(default_factory=lambda: [-0.2, -1.0, 0.2])
+    time_std: list = field(default_factory=lambda: [1.0, 0.8, 0.8])
+    cfg_scale: float = 1.0
+    mix_ratio: float = 1.0
+    cfg_drop_rate: float = 0.0
+    cfg_decay_time: float = 1.0
+    schedule: str = "exponent"
+    r_init: float = 0.1
+    r_end: float = 0.002
+
+
+@dataclass
+class DataConfig:
+    name: str = "checkerboard"  # checkerboard | moons | 8gaussians | spirals | points
+    path: typing.Optional[str] = None  # data file or folder (points: an [N, D] float .npy)
+    num_workers: int = 0
+    prefetch_factor: int = 2
+
+
+@dataclass
+class TrainConfig:
+    total_steps: int = 20_000  # also K of the middle-time schedule r(k, K)
+    batch_size: int = 256  # global, over all ranks and accumulation steps
+    grad_accum: int = 1
+    seed: int = 0
+    optimizer: str = "adamw"  # adamw | radam
+    lr: float = 1e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; loss math stays fp32)
+    tf32: bool = True
+    compile: bool = False
+    fsdp: bool = False  # shard with torch.distributed fully_shard instead of DDP
+    device: str = "auto"  # auto | cpu | cuda
+    ema_decay: float = 0.9999
+    ema_every: int = 1
+    ema_float64: bool = False
+    checkpoint_every: int = 1000
+    keep_last: int = 2  # newest checkpoints kept
+    keep_every: int = 0  # also keep the checkpoint of every multiple of this step (0: none)
+    log_every: int = 100
+    sample_every: int = 0  # EMA sample plot/grid every N steps (0: only at the end)
+    sample_num: int = 1000
+    sample_nfe: list = field(default_factory=lambda: [1, 2])
+    tensorboard: bool = False
+
+
+@dataclass
+class Config:
+    method: str = "soflow"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+METHODS = ("soflow",)
+CHOICES = {
+    "method": METHODS,
+    "model.path": ("linear", "trig"),
+    "model.parameterization": ("euler", "trig"),
+    "objective.schedule": ("const", "linear", "cosine", "exponent"),
+    "train.optimizer": ("adamw", "radam"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+
+# ---------------------------------------------------------------- merging and type checks
+
+def _type_ok(value, tp) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _describe(tp) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
+             dict: "a mapping"}
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else names.get(a, str(a)) for a in typing.get_args(tp))
+    return names.get(tp, str(tp))
+
+
+def _set(obj, dotted: str, value, prefix: str = "") -> None:
+    head, _, rest = dotted.partition(".")
+    key = prefix + head
+    hints = typing.get_type_hints(type(obj))
+    if head not in hints:
+        raise ConfigError(f"unknown config key {key!r}; known keys here: {', '.join(prefix + k for k in hints)}")
+    tp = hints[head]
+    if dataclasses.is_dataclass(tp):
+        if rest:
+            return _set(getattr(obj, head), rest, value, key + ".")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of its keys, got {value!r}")
+        for k, v in value.items():
+            _set(getattr(obj, head), str(k), v, key + ".")
+        return
+    if rest and tp is dict:
+        getattr(obj, head)[rest] = value  # free-form mapping, e.g. model.net_args.hidden
+        return
+    if rest:
+        raise ConfigError(f"unknown config key {key + '.' + rest!r}: {key} has no sub-keys")
+    if not _type_ok(value, tp):
+        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+    if tp is float or (typing.get_origin(tp) is not None and float in typing.get_args(tp) and isinstance(value, int)):
+        value = float(value)
+    setattr(obj, head, value)
+
+
+def apply(cfg: Config, values: dict) -> Config:
+    for k, v in values.items():
+        _set(cfg, str(k), v)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """'train.total_steps=1000' -> ('train.total_steps', 1000); values are parsed as YAML scalars."""
+    key, eq, raw = text.partition("=")
+    if not eq or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.total_steps=1000")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def validate(cfg: Config) -> Config:
+    from ..nets import REGISTRY, canonical_name
+
+    flat = {"method": cfg.method, "model.path": cfg.model.path, "model.parameterization": cfg.model.parameterization,
+            "objective.schedule": cfg.objective.schedule, "train.optimizer": cfg.train.optimizer,
+            "train.precision": cfg.train.precision, "train.device": cfg.train.device}
+    for key, value in flat.items():
+        if str(value).lower() not in CHOICES[key]:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(CHOICES[key])}")
+    try:
+        canonical_name(cfg.model.net)
+    except ValueError:
+        raise ConfigError(f"model.net: unknown network {cfg.model.net!r}; choose one of {', '.join(sorted(REGISTRY))}") from None
+    t, o = cfg.train, cfg.objective
+    positive = {"train.total_steps": t.total_steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
+                "train.checkpoint_every": t.checkpoint_every, "train.log_every": t.log_every,
+                "train.ema_every": t.ema_every, "train.keep_last": t.keep_last, "train.lr": t.lr}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    ranges = {"objective.velocity_loss_ratio": o.velocity_loss_ratio, "objective.cfg_drop_rate": o.cfg_drop_rate,
+              "objective.mix_ratio": o.mix_ratio, "train.ema_decay": t.ema_decay}
+    for key, value in ranges.items():
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{key}: must lie in [0, 1], got {value}")
+    for key in ("time_mean", "time_std"):
+        v = getattr(o, key)
+        if len(v) != 3 or not all(_type_ok(x, float) for x in v):
+            raise ConfigError(f"objective.{key}: expected 3 numbers [flow-matching t, consistency s, consistency t], got {v!r}")
+    if len(t.betas) != 2 or not all(_type_ok(x, float) for x in t.betas):
+        raise ConfigError(f"train.betas: expected two numbers, got {t.betas!r}")
+    if not t.sample_nfe or not all(_type_ok(x, int) and x >= 1 for x in t.sample_nfe):
+        raise ConfigError(f"train.sample_nfe: expected a list of positive integers, got {t.sample_nfe!r}")
+    from ..data import DATASETS
+
+    if cfg.data.name not in DATASETS:
+        raise ConfigError(f"data.name: unknown dataset {cfg.data.name!r}; choose one of {', '.join(DATASETS)}")
+    return cfg
+
+
+# ---------------------------------------------------------------- sources
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def read_yaml(source: str) -> dict:
+    path = Path(source)
+    if not path.is_file():
+        if (PRESET_DIR / f"{source}.yaml").is_file():
+            path = PRESET_DIR / f"{source}.yaml"
+        else:
+            raise ConfigError(f"--config {source!r}: no such file or preset; presets: {', '.join(preset_names())}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load(source: str | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Defaults <- `base` (e.g. a saved run config) <- preset/YAML `source` <- overrides."""
+    cfg = Config()
+    if base:
+        apply(cfg, base)
+    if source is not None:
+        data = read_yaml(source)
+        apply(cfg, from_reference(data) if is_reference(data) else data)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(cfg, key, value)
+    return validate(cfg)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------- the reference implementation's YAML
+
+REFERENCE_KEYS = {
+    "working_dir", "noising_type", "coefficient_type", "model_type", "dataset_type", "data_size", "dataset_path",
+    "velocity_loss_ratio", "p", "eps", "time_mean", "time_std", "cfg_scale", "mix_ratio", "cfg_drop_rate",
+    "cfg_decay_time", "l_schedule", "l_init_ratio", "l_end_ratio", "total_steps", "ema_decay_rate",
+    "learning_rate", "betas", "weight_decay", "batch_size", "num_workers", "prefetch_factor", "eval_steps",
+    "eval_batch_size", "eval_NFE", "eval_demo_steps", "eval_demo_shape", "ckpt_saving_steps", "logging_steps", "seed",
+}
+REFERENCE_DATASETS = {"CIFAR10": "cifar10", "Imagenet": "imagenet-latents"}
+REFERENCE_MODELS = {"UNet": "unet-cifar10", "DiT-B-4": "dit-b4", "DiT-B-2": "dit-b2", "DiT-M-2": "dit-m2",
+                    "DiT-L-2": "dit-l2", "DiT-XL-2": "dit-xl2"}
+
+
+def is_reference(data: dict) -> bool:
+    return "model_type" in data or "noising_type" in data
+
+
+def from_reference(data: dict) -> dict:
+    """Translate a reference YAML (flat keys) into soflow's nested keys, with the reference
+    trainer's per-dataset choices (RAdam and float64 EMA every 16 steps on CIFAR-10)."""
+    unknown = sorted(set(data) - REFERENCE_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r} in a reference-style config (it has model_type / noising_type)")
+    for key, table in (("model_type", REFERENCE_MODELS), ("dataset_type", REFERENCE_DATASETS)):
+        if key in data and data[key] not in table:
+            raise ConfigError(f"{key}: {data[key]!r} is not one of {', '.join(table)}")
+    out: dict = {}
+    moves = {
+        "noising_type": "model.path", "coefficient_type": "model.parameterization",
+        "dataset_path": "data.path", "num_workers": "data.num_workers", "prefetch_factor": "data.prefetch_factor",
+        "velocity_loss_ratio": "objective.velocity_loss_ratio", "p": "objective.p", "eps": "objective.eps",
+        "time_mean": "objective.time_mean", "time_std": "objective.time_std", "cfg_scale": "objective.cfg_scale",
+        "mix_ratio": "objective.mix_ratio", "cfg_drop_rate": "objective.cfg_drop_rate",
+        "cfg_decay_time": "objective.cfg_decay_time", "l_schedule": "objective.schedule",
+        "l_init_ratio": "objective.r_init", "l_end_ratio": "objective.r_end", "total_steps": "train.total_steps",
+        "ema_decay_rate": "train.ema_decay", "learning_rate": "train.lr", "betas": "train.betas",
+        "weight_decay": "train.weight_decay", "batch_size": "train.batch_size", "seed": "train.seed",
+        "ckpt_saving_steps": "train.checkpoint_every", "logging_steps": "train.log_every",
+        "eval_demo_steps": "train.sample_every",
+    }
+    for src, dst in moves.items():
+        if src in data:
+            value = data[src]
+            if src in ("noising_type", "coefficient_type", "l_schedule") and isinstance(value, str):
+                value = value.lower()
+            out[dst] = value
+    if "model_type" in data:
+        out["model.net"] = REFERENCE_MODELS[data["model_type"]]
+    if "eval_NFE" in data:
+        nfe = data["eval_NFE"]
+        out["train.sample_nfe"] = list(nfe) if isinstance(nfe, (list, tuple)) else [nfe]
+    dataset = REFERENCE_DATASETS.get(data.get("dataset_type"))
+    if dataset:
+        out["data.name"] = dataset
+    if dataset == "cifar10":
+        out.update({"train.optimizer": "radam", "train.ema_every": 16, "train.ema_float64": True})
+    elif dataset == "imagenet-latents":
+        out["train.optimizer"] = "adamw"
+    return out

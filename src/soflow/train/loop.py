@@ -1,0 +1,278 @@
+"""The training loop, read top to bottom: set-up, resume, steps, checkpoints, samples.
+
+Exact resume: the data of a step is a function of (seed, rank, step), and a checkpoint holds the
+model, EMA, optimizer, step and every rank's RNG states, so a run stopped and restarted ends
+with the weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ..data import make_dataset
+from ..sampling import sample
+from ..seeding import derive_seed, generator
+from . import distributed
+from .build import build_flow, build_objective, build_optimizer
+from .checkpoint import export_safetensors, latest_checkpoint, save_checkpoint
+from .config import Config, ConfigError, dump
+from .ema import EMA
+from .runlog import RunLog
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss); the message says where the last good state is."""
+
+
+class _StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary and exits."""
+
+    def __init__(self):
+        self.raised = False
+        self.previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def per_rank_batch(cfg: Config, world: int) -> int:
+    t = cfg.train
+    if t.batch_size % (world * t.grad_accum):
+        raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by {world} ranks x "
+                          f"{t.grad_accum} accumulation steps")
+    return t.batch_size // (world * t.grad_accum)
+
+
+def train(cfg: Config, run_dir: str | Path, stop_after: int | None = None, on_step=None) -> dict:
+    """Train (or resume) the run in `run_dir`.  Returns {'step', 'checkpoint', 'stopped'}.
+
+    on_step(step, flow), if given, is called after every optimizer step (tests use it).
+    """
+    env = distributed.setup(cfg.train.device)
+    t = cfg.train
+    run_dir = Path(run_dir)
+    per_rank = per_rank_batch(cfg, env.world)
+    torch.backends.cuda.matmul.allow_tf32 = t.tf32
+    torch.backends.cudnn.allow_tf32 = t.tf32
+    log = RunLog(run_dir, enabled=env.is_main, tensorboard=t.tensorboard)
+
+    # Model, EMA and optimizer: identical initial weights on every rank.
+    data = make_dataset(cfg.data)
+    torch.manual_seed(t.seed)
+    flow = build_flow(cfg, data.sample_shape, data.num_classes).to(env.device)
+    ema = EMA(flow.net, t.ema_decay, t.ema_every, t.ema_float64)
+    optimizer = build_optimizer(cfg, flow.net.parameters())
+    objective = build_objective(cfg)
+    torch.manual_seed(derive_seed(t.seed, env.rank))  # noise, times, dropout differ per rank
+
+    step = 0
+    resumed = latest_checkpoint(run_dir, warn=log.warn)
+    if resumed is not None:
+        flow.net.load_state_dict(resumed["net"])
+        ema.load_state_dict(resumed["ema"])
+        if resumed["optimizer"]:  # converted reference runs may come without one
+            optimizer.load_state_dict(resumed["optimizer"])
+        step = int(resumed["step"])
+        rng = resumed["rng"]
+        if len(rng) != env.world:
+            if rng:
+                log.warn(f"warning: checkpoint written by {len(rng)} ranks, resuming on {env.world}: "
+                         "random streams restart, so the run will not repeat an uninterrupted one exactly")
+            torch.manual_seed(derive_seed(t.seed, env.rank, step))
+        else:
+            _set_rng_state(rng[env.rank], env.device)
+        log.info(f"resumed from {resumed['path']} at step {step}")
+        changed = _config_changes(resumed["config"], cfg.to_dict())
+        if changed:
+            log.warn(f"warning: config differs from the checkpoint's in {', '.join(changed)}")
+    log.save_config(dump(cfg))
+
+    net_call = flow.net
+    if env.distributed:
+        net_call = DistributedDataParallel(flow.net, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                                           broadcast_buffers=False)
+    if t.compile:
+        net_call = torch.compile(net_call)
+    dtype = AUTOCAST[t.precision]
+    scaler = torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16")
+    params = [p for p in flow.net.parameters() if p.requires_grad]
+
+    stop = _StopSignal()
+    stop_flag = distributed.SharedFlag(env)
+    first_bad = torch.full((), t.total_steps + 1, dtype=torch.long, device=env.device)
+    totals, count, started, timer = {}, 0, step, time.perf_counter()
+    last_saved = step if resumed is not None else None
+    stopped = None
+    try:
+        progress = log.progress(step, t.total_steps)
+        while step < t.total_steps:
+            flow.train()
+            for micro in range(t.grad_accum):
+                position = step * t.grad_accum + micro
+                x0, labels = data.batch(generator(t.seed, env.rank, position), position, env.rank, env.world, per_rank)
+                x0 = x0.to(env.device, non_blocking=True)
+                labels = None if labels is None else labels.to(env.device, non_blocking=True)
+                sync = contextlib.nullcontext() if micro == t.grad_accum - 1 or not env.distributed else net_call.no_sync()
+                autocast = torch.autocast(env.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+                with sync, autocast:
+                    loss, stats = objective(flow, x0, labels, step=step, net=net_call)
+                scaler.scale(loss / t.grad_accum).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(flow.net, step)
+            step += 1
+
+            # Bookkeeping without host syncs: remember the first non-finite step, sum the stats.
+            first_bad = torch.where(torch.isfinite(loss.detach()), first_bad, first_bad.clamp(max=step))
+            for k, v in {"loss": loss.detach(), "grad_norm": grad_norm, **stats}.items():
+                totals[k] = totals.get(k, 0) + v.float()
+            count += 1
+            progress.update(1)
+            if on_step is not None:
+                on_step(step, flow)
+
+            boundary = step % t.log_every == 0 or step % t.checkpoint_every == 0 or step == t.total_steps
+            halt = stop_after is not None and step - started >= stop_after
+            signalled = stop_flag.poll(stop.raised)
+            if boundary or halt or signalled:
+                _check_finite(first_bad, t.total_steps, last_saved, run_dir)
+            if step % t.log_every == 0 or step == t.total_steps:
+                elapsed = time.perf_counter() - timer
+                log.metrics(step, _averaged(env, totals, count), r=objective.ratio(step - 1),
+                            samples_per_s=count * t.batch_size / elapsed,
+                            peak_memory_gb=_peak_memory_gb(env.device))
+                totals, count, timer = {}, 0, time.perf_counter()
+            if step % t.checkpoint_every == 0 or step == t.total_steps or halt or signalled:
+                _save(env, run_dir, cfg, flow, ema, optimizer, step)
+                last_saved = step
+            if t.sample_every and step % t.sample_every == 0 and step < t.total_steps and env.is_main:
+                write_samples(cfg, ema_flow(cfg, flow, ema), data, run_dir / "samples", step, log)
+            if halt or signalled:
+                stopped = "signal" if signalled else "stop-after"
+                log.info(f"stopped at step {step} ({'signal' if signalled else '--stop-after'}); "
+                         f"checkpoint saved, rerun the same command to resume")
+                break
+        progress.close()
+        result = {"step": step, "stopped": stopped, "checkpoint": None}
+        if stopped is None and env.is_main:
+            final = ema_flow(cfg, flow, ema)
+            result["export"] = str(export_safetensors(run_dir / "exports" / f"ema-{step:08d}.safetensors",
+                                                      final.net.state_dict(), cfg.to_dict(), step,
+                                                      data.sample_shape, flow.num_classes))
+            result["samples"] = [str(p) for p in write_samples(cfg, final, data, run_dir / "samples", step, log)]
+        return result
+    finally:
+        stop.restore()
+        log.close()
+        distributed.teardown(env)
+
+
+def ema_flow(cfg: Config, flow, ema: EMA):
+    """The EMA network as a SolutionFlow (for sampling)."""
+    from ..solution import SolutionFlow
+
+    return SolutionFlow(ema.model, cfg.model.path, cfg.model.parameterization)
+
+
+def _check_finite(first_bad: torch.Tensor, total: int, last_saved, run_dir: Path) -> None:
+    bad = int(first_bad.item())
+    if bad <= total:
+        where = f"the last good checkpoint is step {last_saved} in {run_dir / 'checkpoints'}" if last_saved \
+            else "no checkpoint was written"
+        raise TrainingError(f"non-finite loss at step {bad}; stopped without saving; {where}")
+
+
+def _averaged(env, totals: dict, count: int) -> dict:
+    if not totals:
+        return {}
+    keys = sorted(totals)
+    values = distributed.mean_over_ranks(env, torch.stack([totals[k] for k in keys]) / count)
+    return dict(zip(keys, values.tolist()))
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+def _save(env, run_dir, cfg, flow, ema, optimizer, step) -> None:
+    rng = distributed.all_gather_objects(env, _rng_state(env.device))
+    if env.is_main:
+        cpu = lambda sd: {k: v.detach().cpu() for k, v in sd.items()}
+        state = {"step": step, "config": cfg.to_dict(), "sample_shape": list(flow.net.sample_shape),
+                 "num_classes": flow.num_classes, "net": cpu(flow.net.state_dict()), "ema": cpu(ema.state_dict()),
+                 "optimizer": optimizer.state_dict(), "rng": [{k: v.cpu() for k, v in r.items()} for r in rng],
+                 "world_size": env.world}
+        save_checkpoint(run_dir, state, cfg.train.keep_last, cfg.train.keep_every)
+    distributed.barrier(env)
+
+
+def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_changes(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(prefix + k)
+    return out
+
+
+def write_samples(cfg: Config, flow, data, folder: Path, step: int, log) -> list[Path]:
+    """EMA samples with fixed seeds at each configured NFE: a scatter plot for 2-D data,
+    an image grid otherwise."""
+    from ..plots import image_grid, scatter_panels
+
+    paths = []
+    shape = tuple(data.sample_shape)
+    if len(shape) == 1:
+        n = cfg.train.sample_num
+        panels = {"data": data.reference(n)} if hasattr(data, "reference") else {}
+        for nfe in cfg.train.sample_nfe:
+            panels[f"{nfe}-NFE"] = sample(flow, n, nfe=nfe, seed=cfg.train.seed)[:, :2].cpu()
+        paths.append(scatter_panels(folder / f"step{step:08d}.png", panels))
+    else:
+        k = data.num_classes
+        per_row = 10
+        for nfe in cfg.train.sample_nfe:
+            labels = torch.arange(k).repeat_interleave(per_row) if k else None
+            n = k * per_row if k else 64
+            imgs = sample(flow, n, nfe=nfe, seed=cfg.train.seed, labels=labels)
+            paths.append(image_grid(folder / f"step{step:08d}-nfe{nfe}.png", imgs, rows=k or None))
+    for p in paths:
+        log.info(f"samples: {p}")
+    return paths
