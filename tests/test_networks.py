@@ -44,7 +44,7 @@ def test_converter_rejects_foreign_and_corrupt_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="does not fit DiT.*shape"):
         load_reference_network(path, "dit-tiny", num_classes=10, hidden_size=64)
     torch.save({"state_dict": good}, tmp_path / "foreign.pt")
-    with pytest.raises(CheckpointError, match="no 'ema_model' entry"):
+    with pytest.raises(CheckpointError, match="found state_dict; expected a reference checkpoint"):
         load_reference_network(tmp_path / "foreign.pt", "dit-tiny")
     (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
