@@ -6,7 +6,8 @@ from __future__ import annotations
 from .sampler import DataError
 from .toy import TOYS, PointData, ToyData
 
-DATASETS = (*TOYS, "points")
+IMAGE_DATASETS = ("fmnist", "cifar10", "imagefolder", "imagenet-latents")
+DATASETS = (*TOYS, "points", *IMAGE_DATASETS)
 
 
 def make_dataset(data_cfg):

@@ -11,8 +11,9 @@ from .dit import timestep_embedding
 
 class ResidualMLP(nn.Module):
     def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, time_dim: int = 64,
-                 num_classes: int = 0, null_class: bool = True):
+                 num_classes: int = 0, null_class: bool = True, time_scale: float = 1000.0):
         super().__init__()
+        self.time_scale = time_scale  # spreads t in [0, 1] over the embedding's frequencies
         self.in_channels = self.dim = dim
         self.num_classes = num_classes
         self.time_dim = time_dim
@@ -39,7 +40,8 @@ class ResidualMLP(nn.Module):
                 augment_labels: Tensor | None = None) -> Tensor:
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x has shape {tuple(x.shape)}; this MLP expects [B, {self.dim}]")
-        c = torch.cat([timestep_embedding(t, self.time_dim), timestep_embedding(t - s, self.time_dim)], dim=1)
+        k = self.time_scale
+        c = torch.cat([timestep_embedding(t * k, self.time_dim), timestep_embedding((t - s) * k, self.time_dim)], dim=1)
         c = self.time(c.to(x.dtype))
         if self.label is not None:
             if labels is None:

@@ -74,14 +74,19 @@ def read_checkpoint(path: Path) -> dict:
     return blob
 
 
-def latest_checkpoint(run_dir: Path, warn=print) -> dict | None:
-    """The newest readable checkpoint of a run; unreadable newer ones are reported and skipped
-    (never deleted)."""
+def latest_checkpoint(run_dir: Path, warn=print, quarantine: bool = False) -> dict | None:
+    """The newest readable checkpoint of a run; unreadable newer ones are reported and skipped.
+
+    quarantine=True (the trainer's main rank) renames them to `*.pt.corrupt`, so that pruning
+    keeps counting good checkpoints only; nothing is deleted.
+    """
     for step, path in list_checkpoints(run_dir):
         try:
             blob = read_checkpoint(path)
         except CheckpointError as e:
-            warn(f"warning: {e}; falling back to an older checkpoint")
+            if quarantine:
+                os.replace(path, path.with_name(path.name + ".corrupt"))
+            warn(f"warning: {e}; falling back to an older checkpoint" + (" (kept as *.corrupt)" if quarantine else ""))
             continue
         blob["path"] = str(path)
         return blob

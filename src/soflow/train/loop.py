@@ -14,12 +14,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from ..data import make_dataset
 from ..sampling import sample
 from ..seeding import derive_seed, generator
-from . import distributed
+from . import distributed, parallel
 from .build import build_flow, build_objective, build_optimizer
 from .checkpoint import export_safetensors, latest_checkpoint, save_checkpoint
 from .config import Config, ConfigError, dump
@@ -84,22 +83,25 @@ def train(cfg: Config, run_dir: str | Path, stop_after: int | None = None, on_st
     torch.backends.cudnn.allow_tf32 = t.tf32
     log = RunLog(run_dir, enabled=env.is_main, tensorboard=t.tensorboard)
 
-    # Model, EMA and optimizer: identical initial weights on every rank.
+    # Model and EMA: identical initial weights on every rank; resumed weights load before sharding.
     data = make_dataset(cfg.data)
     torch.manual_seed(t.seed)
     flow = build_flow(cfg, data.sample_shape, data.num_classes).to(env.device)
     ema = EMA(flow.net, t.ema_decay, t.ema_every, t.ema_float64)
+    resumed = latest_checkpoint(run_dir, warn=log.warn if env.is_main else (lambda m: None),
+                                quarantine=env.is_main)
+    if resumed is not None:
+        flow.net.load_state_dict(resumed["net"])
+        ema.load_state_dict(resumed["ema"])
+    net_call = parallel.wrap(flow.net, ema.model, env, fsdp=t.fsdp, compile=t.compile)
     optimizer = build_optimizer(cfg, flow.net.parameters())
     objective = build_objective(cfg)
     torch.manual_seed(derive_seed(t.seed, env.rank))  # noise, times, dropout differ per rank
 
     step = 0
-    resumed = latest_checkpoint(run_dir, warn=log.warn)
     if resumed is not None:
-        flow.net.load_state_dict(resumed["net"])
-        ema.load_state_dict(resumed["ema"])
-        if resumed["optimizer"]:  # converted reference runs may come without one
-            optimizer.load_state_dict(resumed["optimizer"])
+        if resumed["optimizer"]:  # converted reference runs come without one
+            parallel.load_optimizer(flow.net, optimizer, resumed["optimizer"])
         step = int(resumed["step"])
         rng = resumed["rng"]
         if len(rng) != env.world:
@@ -115,12 +117,6 @@ def train(cfg: Config, run_dir: str | Path, stop_after: int | None = None, on_st
             log.warn(f"warning: config differs from the checkpoint's in {', '.join(changed)}")
     log.save_config(dump(cfg))
 
-    net_call = flow.net
-    if env.distributed:
-        net_call = DistributedDataParallel(flow.net, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                                           broadcast_buffers=False)
-    if t.compile:
-        net_call = torch.compile(net_call)
     dtype = AUTOCAST[t.precision]
     scaler = torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16")
     params = [p for p in flow.net.parameters() if p.requires_grad]
@@ -146,7 +142,7 @@ def train(cfg: Config, run_dir: str | Path, stop_after: int | None = None, on_st
                     loss, stats = objective(flow, x0, labels, step=step, net=net_call)
                 scaler.scale(loss / t.grad_accum).backward()
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+            grad_norm = parallel.local_tensor(torch.nn.utils.clip_grad_norm_(params, float("inf")))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -176,21 +172,23 @@ def train(cfg: Config, run_dir: str | Path, stop_after: int | None = None, on_st
             if step % t.checkpoint_every == 0 or step == t.total_steps or halt or signalled:
                 _save(env, run_dir, cfg, flow, ema, optimizer, step)
                 last_saved = step
-            if t.sample_every and step % t.sample_every == 0 and step < t.total_steps and env.is_main:
-                write_samples(cfg, ema_flow(cfg, flow, ema), data, run_dir / "samples", step, log)
+            if t.sample_every and step % t.sample_every == 0 and step < t.total_steps:
+                write_samples(cfg, ema_flow(cfg, flow, ema), data, run_dir / "samples", step, log, env)
             if halt or signalled:
                 stopped = "signal" if signalled else "stop-after"
                 log.info(f"stopped at step {step} ({'signal' if signalled else '--stop-after'}); "
                          f"checkpoint saved, rerun the same command to resume")
                 break
         progress.close()
-        result = {"step": step, "stopped": stopped, "checkpoint": None}
-        if stopped is None and env.is_main:
-            final = ema_flow(cfg, flow, ema)
-            result["export"] = str(export_safetensors(run_dir / "exports" / f"ema-{step:08d}.safetensors",
-                                                      final.net.state_dict(), cfg.to_dict(), step,
-                                                      data.sample_shape, flow.num_classes))
-            result["samples"] = [str(p) for p in write_samples(cfg, final, data, run_dir / "samples", step, log)]
+        result = {"step": step, "stopped": stopped}
+        if stopped is None:
+            ema_state, _ = parallel.full_state(ema.model)
+            if env.is_main:
+                result["export"] = str(export_safetensors(run_dir / "exports" / f"ema-{step:08d}.safetensors",
+                                                          ema_state, cfg.to_dict(), step, data.sample_shape,
+                                                          flow.num_classes))
+            paths = write_samples(cfg, ema_flow(cfg, flow, ema), data, run_dir / "samples", step, log, env)
+            result["samples"] = [str(p) for p in paths]
         return result
     finally:
         stop.restore()
@@ -231,12 +229,12 @@ def _peak_memory_gb(device: torch.device) -> float:
 
 def _save(env, run_dir, cfg, flow, ema, optimizer, step) -> None:
     rng = distributed.all_gather_objects(env, _rng_state(env.device))
+    net_state, optimizer_state = parallel.full_state(flow.net, optimizer)
+    ema_state, _ = parallel.full_state(ema.model)
     if env.is_main:
-        cpu = lambda sd: {k: v.detach().cpu() for k, v in sd.items()}
         state = {"step": step, "config": cfg.to_dict(), "sample_shape": list(flow.net.sample_shape),
-                 "num_classes": flow.num_classes, "net": cpu(flow.net.state_dict()), "ema": cpu(ema.state_dict()),
-                 "optimizer": optimizer.state_dict(), "rng": [{k: v.cpu() for k, v in r.items()} for r in rng],
-                 "world_size": env.world}
+                 "num_classes": flow.num_classes, "net": net_state, "ema": ema_state, "optimizer": optimizer_state,
+                 "rng": [{k: v.cpu() for k, v in r.items()} for r in rng], "world_size": env.world}
         save_checkpoint(run_dir, state, cfg.train.keep_last, cfg.train.keep_every)
     distributed.barrier(env)
 
@@ -252,27 +250,24 @@ def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def write_samples(cfg: Config, flow, data, folder: Path, step: int, log) -> list[Path]:
-    """EMA samples with fixed seeds at each configured NFE: a scatter plot for 2-D data,
-    an image grid otherwise."""
+def write_samples(cfg: Config, flow, data, folder: Path, step: int, log, env) -> list[Path]:
+    """EMA samples with fixed seeds at each configured NFE: a scatter plot for 2-D data, an image
+    grid (one row per class) otherwise.  Sharded models sample on every rank; rank 0 writes."""
     from ..plots import image_grid, scatter_panels
 
-    paths = []
-    shape = tuple(data.sample_shape)
-    if len(shape) == 1:
+    if not (env.is_main or parallel.is_sharded(flow.net)):
+        return []
+    seed, k = cfg.train.seed, data.num_classes
+    if len(data.sample_shape) == 1:
         n = cfg.train.sample_num
-        panels = {"data": data.reference(n)} if hasattr(data, "reference") else {}
-        for nfe in cfg.train.sample_nfe:
-            panels[f"{nfe}-NFE"] = sample(flow, n, nfe=nfe, seed=cfg.train.seed)[:, :2].cpu()
-        paths.append(scatter_panels(folder / f"step{step:08d}.png", panels))
+        panels = {"data": data.reference(n)}
+        panels.update({f"{nfe}-NFE": sample(flow, n, nfe=nfe, seed=seed)[:, :2].cpu() for nfe in cfg.train.sample_nfe})
+        paths = [scatter_panels(folder / f"step{step:08d}.png", panels)] if env.is_main else []
     else:
-        k = data.num_classes
-        per_row = 10
-        for nfe in cfg.train.sample_nfe:
-            labels = torch.arange(k).repeat_interleave(per_row) if k else None
-            n = k * per_row if k else 64
-            imgs = sample(flow, n, nfe=nfe, seed=cfg.train.seed, labels=labels)
-            paths.append(image_grid(folder / f"step{step:08d}-nfe{nfe}.png", imgs, rows=k or None))
+        labels = torch.arange(k).repeat_interleave(10) if k else None
+        grids = {nfe: sample(flow, 10 * k if k else 64, nfe=nfe, seed=seed, labels=labels) for nfe in cfg.train.sample_nfe}
+        paths = [image_grid(folder / f"step{step:08d}-nfe{nfe}.png", x, rows=k or None)
+                 for nfe, x in grids.items()] if env.is_main else []
     for p in paths:
         log.info(f"samples: {p}")
     return paths

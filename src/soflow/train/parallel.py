@@ -1,0 +1,65 @@
+"""Data parallelism: DDP by default, FSDP (`fully_shard`) on request, optional torch.compile.
+
+With FSDP the online network and its EMA copy are sharded alike (so the EMA update stays local
+to each shard) and checkpoints gather full state dicts on rank 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .distributed import Env
+
+
+def shard(net: nn.Module) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    for block in getattr(net, "blocks", []):  # DiT: one unit per transformer block
+        fully_shard(block)
+    fully_shard(net)
+
+
+def wrap(net: nn.Module, ema_model: nn.Module, env: Env, fsdp: bool, compile: bool) -> nn.Module:
+    """The callable used for the training forwards (same weights as `net`)."""
+    call = net
+    if env.distributed and fsdp:
+        shard(net)
+        shard(ema_model)
+    elif env.distributed:
+        call = DistributedDataParallel(net, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return torch.compile(call) if compile else call
+
+
+def is_sharded(net: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(net, FSDPModule)
+
+
+def full_state(net: nn.Module, optimizer=None) -> tuple[dict, dict | None]:
+    """CPU state dicts of the whole model (and optimizer); a collective when sharded."""
+    if not is_sharded(net):
+        cpu = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        return cpu, (optimizer.state_dict() if optimizer is not None else None)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model = get_model_state_dict(net, options=opts)
+    return model, (get_optimizer_state_dict(net, optimizer, options=opts) if optimizer is not None else None)
+
+
+def load_optimizer(net: nn.Module, optimizer, state: dict) -> None:
+    if not is_sharded(net):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(net, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def local_tensor(x: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a possibly distributed one (e.g. the grad norm under FSDP)."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x

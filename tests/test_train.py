@@ -1,0 +1,145 @@
+"""The training system end to end, through the real command line in subprocesses."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import TINY, assert_one_line_error, soflow
+from soflow.train.checkpoint import list_checkpoints, read_checkpoint
+
+
+def train(run, *extra, **kw):
+    return soflow("train", "--config", "toy2d", "--run-dir", run, *TINY, *extra, **kw)
+
+
+def final_state(run):
+    step, path = list_checkpoints(run)[0]
+    return step, read_checkpoint(path)
+
+
+def test_stop_and_resume_equals_uninterrupted_run(tmp_path):
+    steps = ["--set", "train.total_steps=24", "--set", "train.checkpoint_every=100"]
+    train(tmp_path / "straight", *steps, check=True)
+    for _ in range(3):  # 10 + 10 + 4 steps
+        proc = train(tmp_path / "sliced", *steps, "--stop-after", "10", check=True)
+        assert proc.returncode == 0
+    s1, a = final_state(tmp_path / "straight")
+    s2, b = final_state(tmp_path / "sliced")
+    assert s1 == s2 == 24
+    for key in ("net", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}/{name} differs after resume"
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    log = (tmp_path / "sliced" / "log.txt").read_text()
+    assert "resumed from" in log and "stopped at step 10" in log
+
+
+def test_run_folder_contents_and_metrics(tmp_path):
+    run = tmp_path / "run"
+    proc = train(run, "--set", "train.total_steps=10", "--set", "train.checkpoint_every=5", check=True)
+    assert "samples written to" in proc.stdout
+    assert (run / "config.yaml").is_file() and (run / "log.txt").is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [5, 10]
+    assert {"loss", "velocity_mse", "velocity_weight", "consistency_mse", "consistency_weight", "r", "grad_norm",
+            "samples_per_s", "peak_memory_gb"} <= set(records[0])
+    assert list((run / "exports").glob("*.safetensors")) and list((run / "samples").glob("*.png"))
+    ckpt = read_checkpoint(list_checkpoints(run)[0][1])
+    assert ckpt["config"]["train"]["total_steps"] == 10
+
+
+def test_keep_last_and_every_kth(tmp_path):
+    run = tmp_path / "run"
+    train(run, "--set", "train.total_steps=12", "--set", "train.checkpoint_every=2", "--set", "train.keep_last=2",
+          "--set", "train.keep_every=4", check=True)
+    assert sorted(s for s, _ in list_checkpoints(run)) == [4, 8, 10, 12]
+
+
+def test_truncated_newest_checkpoint_falls_back_without_traceback(tmp_path):
+    run = tmp_path / "run"
+    common = ["--set", "train.total_steps=20", "--set", "train.checkpoint_every=5"]
+    train(run, *common, "--stop-after", "10", check=True)
+    (step, newest), (_, older) = list_checkpoints(run)[:2]
+    assert step == 10
+    older_bytes = older.read_bytes()
+    newest.write_bytes(newest.read_bytes()[:200])  # truncated
+    proc = train(run, *common, "--stop-after", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "falling back" in proc.stderr
+    assert "resumed from" in proc.stdout and "at step 5" in proc.stdout
+    assert older.read_bytes() == older_bytes
+    assert newest.with_name(newest.name + ".corrupt").stat().st_size == 200
+    assert sorted(s for s, _ in list_checkpoints(run)) == [5, 8]
+
+
+def test_non_finite_loss_stops_with_step_number(tmp_path):
+    pts = np.random.default_rng(0).normal(size=(256, 2)).astype(np.float32) * 1e30
+    np.save(tmp_path / "huge.npy", pts)
+    proc = train(tmp_path / "run", "--set", "data.name=points", "--set", f"data.path={tmp_path / 'huge.npy'}",
+                 "--set", "train.total_steps=20")
+    assert_one_line_error(proc, "non-finite loss at step 1")
+    assert not list_checkpoints(tmp_path / "run")
+
+
+def test_points_data_and_missing_file(tmp_path):
+    pts = np.random.default_rng(0).normal(size=(500, 3)).astype(np.float32)
+    np.save(tmp_path / "p.npy", pts)
+    train(tmp_path / "run", "--set", "data.name=points", "--set", f"data.path={tmp_path / 'p.npy'}",
+          "--set", "train.total_steps=6", check=True)
+    out = tmp_path / "x.npy"
+    soflow("sample", "--checkpoint", tmp_path / "run", "--num", "10", "--out", out, check=True)
+    assert np.load(out).shape == (10, 3)
+    proc = train(tmp_path / "run2", "--set", "data.name=points", "--set", f"data.path={tmp_path / 'none.npy'}")
+    assert_one_line_error(proc, "none.npy", "[N, D] float array")
+    np.save(tmp_path / "ints.npy", np.zeros((5, 2), dtype=np.int64))
+    proc = train(tmp_path / "run3", "--set", "data.name=points", "--set", f"data.path={tmp_path / 'ints.npy'}")
+    assert_one_line_error(proc, "ints.npy", "int64")
+
+
+def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "soflow", "train", "--config", "toy2d", "--run-dir", str(run), *TINY,
+           "--set", "train.total_steps=1000000", "--set", "train.checkpoint_every=1000000", "--set", "train.log_every=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    step, path = list_checkpoints(run)[0]
+    assert step >= 1 and read_checkpoint(path)["step"] == step
+    assert f"stopped at step {step}" in out
+
+
+def test_sample_outputs_are_reproducible(tmp_path):
+    run = tmp_path / "run"
+    train(run, "--set", "train.total_steps=5", check=True)
+    a, b, c = tmp_path / "a.npy", tmp_path / "b.npy", tmp_path / "c.npy"
+    soflow("sample", "--checkpoint", run, "--num", "50", "--seed", "3", "--out", a, check=True)
+    soflow("sample", "--checkpoint", run, "--num", "50", "--seed", "3", "--batch-size", "7", "--out", b, check=True)
+    soflow("sample", "--checkpoint", run, "--num", "50", "--seed", "4", "--out", c, check=True)
+    assert np.allclose(np.load(a), np.load(b), atol=1e-6) and not np.allclose(np.load(a), np.load(c))
+    export = next((run / "exports").glob("*.safetensors"))
+    soflow("sample", "--checkpoint", export, "--num", "50", "--seed", "3", "--out", tmp_path / "e.npy", check=True)
+    assert np.allclose(np.load(a), np.load(tmp_path / "e.npy"), atol=1e-6)
+    for out in ("s.png", "s.npz"):
+        soflow("sample", "--checkpoint", run, "--num", "20", "--nfe", "2", "--mode", "chain", "--out", tmp_path / out, check=True)
+        assert (tmp_path / out).stat().st_size > 0
+    proc = soflow("sample", "--checkpoint", tmp_path / "nowhere", "--num", "5", "--out", tmp_path / "z.npy")
+    assert_one_line_error(proc, "nowhere")
+
+
+def test_compiled_training_saves_plain_names(tmp_path):
+    run = tmp_path / "run"
+    train(run, "--set", "train.total_steps=3", "--set", "train.compile=true", check=True, timeout=600)
+    ckpt = read_checkpoint(list_checkpoints(run)[0][1])
+    assert ckpt["step"] == 3 and not any("_orig_mod" in k or "module." in k for k in ckpt["net"])
