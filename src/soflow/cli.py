@@ -56,8 +56,28 @@ def cmd_sample(args) -> int:
         raise ValueError("--class given but the model is unconditional")
     x = sample(flow, args.num, nfe=args.nfe, seed=args.seed, labels=labels, mode=args.mode,
                guidance=args.guidance, batch_size=args.batch_size)
+    if cfg.data.name == "imagenet-latents" and not str(args.out).endswith(".npy"):
+        from .data.latents import decode, load_vae
+
+        x = decode(load_vae(args.vae or cfg.data.vae, device), x)
     out = write_samples(args.out, x)
     print(f"{args.num} samples ({args.nfe}-NFE, {args.mode}, step {step}) written to {out}")
+    return 0
+
+
+def cmd_encode_latents(args) -> int:
+    from .data.images import ImageFolder
+    from .data.latents import encode_latents
+    from .train.distributed import setup, teardown
+
+    env = setup(args.device or "auto")
+    try:
+        images = ImageFolder(args.data, args.resolution)
+        n = encode_latents(images, args.vae, args.out, env.rank, env.world, args.shard_size, args.batch_size,
+                           env.device, log=print if env.is_main else (lambda m: None))
+    finally:
+        teardown(env)
+    print(f"rank {env.rank}: encoded {n} shard(s) into {args.out}")
     return 0
 
 
@@ -92,8 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", choices=("ema", "online"), default="ema")
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--vae", help="latent models: SD-VAE folder to decode with (default: the run's data.vae)")
     s.add_argument("--out", required=True, help=".png (grid or scatter), .npz (uint8 NHWC arr_0), .npy, or a folder")
     s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("encode-latents", help="encode an image folder with the SD-VAE (torchrun shards it)")
+    e.add_argument("--data", required=True, help="image folder with one subfolder per class")
+    e.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder (sd-vae-ft-mse layout)")
+    e.add_argument("--out", required=True)
+    e.add_argument("--resolution", type=int, default=256)
+    e.add_argument("--shard-size", type=int, default=1024)
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    e.set_defaults(func=cmd_encode_latents)
 
     c = sub.add_parser("convert-reference", help="turn a reference checkpoint + YAML into a soflow run folder")
     c.add_argument("--checkpoint", required=True)

@@ -1,5 +1,6 @@
 """Datasets by name.  `make_dataset(cfg.data)` returns an object with `sample_shape`, `num_classes`
-and `batch(generator, step, rank, world, n) -> (x0, labels)`."""
+and either `batch(seed, position, rank, world, n) -> (x0, labels)` (in memory) or
+`__getitem__` (read by DataLoader workers)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,19 @@ def make_dataset(data_cfg):
         return ToyData(name)
     if name == "points":
         return PointData(data_cfg.path)
+    if name in ("fmnist", "cifar10"):
+        from .images import cifar10, fashion_mnist
+
+        data = fashion_mnist(data_cfg.path) if name == "fmnist" else cifar10(data_cfg.path)
+        return data if data_cfg.conditional else data.unconditional()
+    if name == "imagefolder":
+        from .images import ImageFolder
+
+        return ImageFolder(data_cfg.path, data_cfg.resolution)
+    if name == "imagenet-latents":
+        from .latents import LatentData
+
+        return LatentData(data_cfg.path)
     raise DataError(f"data.name: unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..seeding import generator
 from .sampler import DataError, epoch_indices
 
 
@@ -49,7 +50,7 @@ TOYS = {"checkerboard": checkerboard, "moons": moons, "8gaussians": eight_gaussi
 
 
 class ToyData:
-    """An unlimited stream: batch k of rank r is drawn from the generator seeded by (seed, r, k)."""
+    """An unlimited stream: batch k of rank r is drawn from the generator seeded by (seed, k, r)."""
 
     num_classes = 0
 
@@ -57,8 +58,8 @@ class ToyData:
         self.name, self.draw = name, TOYS[name]
         self.sample_shape = (2,)
 
-    def batch(self, g: torch.Generator, step: int, rank: int, world: int, n: int):
-        return self.draw(n, g), None
+    def batch(self, seed: int, position: int, rank: int, world: int, n: int):
+        return self.draw(n, generator(seed, position, rank)), None
 
     def reference(self, n: int, seed: int = 12345) -> Tensor:
         return self.draw(n, torch.Generator().manual_seed(seed))
@@ -86,8 +87,8 @@ class PointData:
         self.points = torch.from_numpy(arr.astype(np.float32))
         self.sample_shape = (arr.shape[1],)
 
-    def batch(self, g: torch.Generator, step: int, rank: int, world: int, n: int):
-        return self.points[epoch_indices(len(self.points), step, rank, world, n, g.initial_seed())], None
+    def batch(self, seed: int, position: int, rank: int, world: int, n: int):
+        return self.points[epoch_indices(len(self.points), position, rank, world, n, seed)], None
 
     def reference(self, n: int, seed: int = 12345) -> Tensor:
         idx = torch.randperm(len(self.points), generator=torch.Generator().manual_seed(seed))[:n]

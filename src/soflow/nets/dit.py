@@ -7,7 +7,8 @@ The DiT of Peebles & Xie with one addition: the conditioning vector is
 two separate timestep embedders, times fed raw in [0, 1].  Module names match the reference
 checkpoints (`t_embedder`, `s_embedder` for the gap, `y_embedder`, `blocks.i.attn.qkv`, ...), so
 their state dicts load without renaming.  Attention uses `scaled_dot_product_attention`, which
-dispatches to fused kernels where the device has them.
+dispatches to fused kernels where the device has them.  Fused kernels have no forward-mode AD:
+run forward-mode differentiation (`torch.func.jvp`, MeanFlow) inside `math_attention()`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -75,6 +77,17 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def math_attention():
+    """Context manager restricting `scaled_dot_product_attention` to its math backend.
+
+    The math path is composed of ordinary ops and so supports forward-mode AD (`torch.func.jvp`),
+    which the fused kernels (flash / memory-efficient / CPU flash) do not.  It is a dispatcher
+    setting, so it covers every SDPA call inside it (DiT and U-Net attention alike); outside it the
+    fused kernels are used as before.  It is slower and uses O(N^2) memory per head.
+    """
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 class Attention(nn.Module):

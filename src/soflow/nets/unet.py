@@ -75,7 +75,8 @@ class GroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        # contiguous(): forward-mode AD of group_norm (MeanFlow's JVP) rejects strided inputs
+        return F.group_norm(x.contiguous(), self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
 class UNetBlock(nn.Module):

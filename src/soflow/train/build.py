@@ -21,8 +21,10 @@ def network_args(cfg: Config, sample_shape: tuple, num_classes: int) -> dict:
     elif name.startswith("dit"):
         args = dict(in_channels=sample_shape[0], input_size=sample_shape[-1], num_classes=num_classes, null_class=guided)
     else:
+        from ..data.augment import AUGMENT_DIM
+
         args = dict(in_channels=sample_shape[0], out_channels=sample_shape[0], img_resolution=sample_shape[-1],
-                    label_dim=num_classes)
+                    label_dim=num_classes, augment_dim=AUGMENT_DIM if cfg.data.augment_p > 0 else 0)
     return {**args, **cfg.model.net_args}
 
 

@@ -49,8 +49,13 @@ class ObjectiveConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "checkerboard"  # checkerboard | moons | 8gaussians | spirals | points
+    # checkerboard | moons | 8gaussians | spirals | points | fmnist | cifar10 | imagefolder | imagenet-latents
+    name: str = "checkerboard"
     path: typing.Optional[str] = None  # data file or folder (points: an [N, D] float .npy)
+    conditional: bool = True  # use the class labels (fmnist, cifar10)
+    resolution: int = 64  # imagefolder: ADM centre crop size
+    augment_p: float = 0.0  # EDM augmentation probability (cifar10-unet: 0.12); labels go to the network
+    vae: typing.Optional[str] = None  # imagenet-latents: local SD-VAE folder, to decode samples
     num_workers: int = 0
     prefetch_factor: int = 2
 
@@ -196,6 +201,7 @@ def validate(cfg: Config) -> Config:
         if value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
     ranges = {"objective.velocity_loss_ratio": o.velocity_loss_ratio, "objective.cfg_drop_rate": o.cfg_drop_rate,
+              "data.augment_p": cfg.data.augment_p,
               "objective.mix_ratio": o.mix_ratio, "train.ema_decay": t.ema_decay}
     for key, value in ranges.items():
         if not 0 <= value <= 1:
@@ -310,8 +316,9 @@ def from_reference(data: dict) -> dict:
     dataset = REFERENCE_DATASETS.get(data.get("dataset_type"))
     if dataset:
         out["data.name"] = dataset
-    if dataset == "cifar10":
-        out.update({"train.optimizer": "radam", "train.ema_every": 16, "train.ema_float64": True})
+    if dataset == "cifar10":  # unconditional, EDM augmentation with 6 augment labels
+        out.update({"train.optimizer": "radam", "train.ema_every": 16, "train.ema_float64": True,
+                    "data.conditional": False, "data.augment_p": 0.12})
     elif dataset == "imagenet-latents":
         out["train.optimizer"] = "adamw"
     return out

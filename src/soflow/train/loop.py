@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from ..data import make_dataset
+from ..data.stream import batches
 from ..sampling import sample
+from ..data.augment import AugmentPipe
 from ..seeding import derive_seed, generator
 from . import distributed, parallel
 from .build import build_flow, build_objective, build_optimizer
@@ -121,6 +123,10 @@ def train(cfg: Config, run_dir: str | Path, stop_after: int | None = None, on_st
     scaler = torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16")
     params = [p for p in flow.net.parameters() if p.requires_grad]
 
+    stream = batches(data, t.seed, env.rank, env.world, per_rank, start=step * t.grad_accum,
+                     num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
+                     pin_memory=env.device.type == "cuda")
+    augment = AugmentPipe(p=cfg.data.augment_p) if cfg.data.augment_p > 0 else None
     stop = _StopSignal()
     stop_flag = distributed.SharedFlag(env)
     first_bad = torch.full((), t.total_steps + 1, dtype=torch.long, device=env.device)
@@ -132,14 +138,16 @@ def train(cfg: Config, run_dir: str | Path, stop_after: int | None = None, on_st
         while step < t.total_steps:
             flow.train()
             for micro in range(t.grad_accum):
-                position = step * t.grad_accum + micro
-                x0, labels = data.batch(generator(t.seed, env.rank, position), position, env.rank, env.world, per_rank)
+                x0, labels = next(stream)
                 x0 = x0.to(env.device, non_blocking=True)
                 labels = None if labels is None else labels.to(env.device, non_blocking=True)
+                augment_labels = None
+                if augment is not None:  # EDM augmentation; its labels condition the network
+                    x0, augment_labels = augment(x0, generator(t.seed, step, micro, env.rank, 2))
                 sync = contextlib.nullcontext() if micro == t.grad_accum - 1 or not env.distributed else net_call.no_sync()
                 autocast = torch.autocast(env.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
                 with sync, autocast:
-                    loss, stats = objective(flow, x0, labels, step=step, net=net_call)
+                    loss, stats = objective(flow, x0, labels, step=step, augment_labels=augment_labels, net=net_call)
                 scaler.scale(loss / t.grad_accum).backward()
             scaler.unscale_(optimizer)
             grad_norm = parallel.local_tensor(torch.nn.utils.clip_grad_norm_(params, float("inf")))
@@ -264,9 +272,18 @@ def write_samples(cfg: Config, flow, data, folder: Path, step: int, log, env) ->
         panels.update({f"{nfe}-NFE": sample(flow, n, nfe=nfe, seed=seed)[:, :2].cpu() for nfe in cfg.train.sample_nfe})
         paths = [scatter_panels(folder / f"step{step:08d}.png", panels)] if env.is_main else []
     else:
-        labels = torch.arange(k).repeat_interleave(10) if k else None
-        grids = {nfe: sample(flow, 10 * k if k else 64, nfe=nfe, seed=seed, labels=labels) for nfe in cfg.train.sample_nfe}
-        paths = [image_grid(folder / f"step{step:08d}-nfe{nfe}.png", x, rows=k or None)
+        classes = torch.linspace(0, k - 1, min(k, 10)).round().long() if k else None  # at most 10 rows
+        labels = classes.repeat_interleave(10) if k else None
+        n = len(labels) if k else 64
+        grids = {nfe: sample(flow, n, nfe=nfe, seed=seed, labels=labels) for nfe in cfg.train.sample_nfe}
+        if cfg.data.name == "imagenet-latents":
+            if not cfg.data.vae:
+                return []  # no decoder: nothing to look at
+            from ..data.latents import decode, load_vae
+
+            vae = load_vae(cfg.data.vae, next(flow.parameters()).device)
+            grids = {nfe: decode(vae, x) for nfe, x in grids.items()}
+        paths = [image_grid(folder / f"step{step:08d}-nfe{nfe}.png", x, rows=len(classes) if k else None)
                  for nfe, x in grids.items()] if env.is_main else []
     for p in paths:
         log.info(f"samples: {p}")

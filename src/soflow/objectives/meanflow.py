@@ -1,0 +1,196 @@
+"""MeanFlow (Geng et al. 2025) as a baseline on the soflow networks.
+
+MeanFlow learns the average velocity over [r, t] of the probability-flow ODE,
+
+    u(z_t, t, r) = 1 / (t - r) int_r^t v(z_tau, tau) d tau,     z_r = z_t - (t - r) u(z_t, t, r),
+
+which is exactly a SolutionFlow with the Euler parameterization f(z, t, s) = z + (s - t) F(z, t, s),
+F = u and s = r, on the linear path z_t = (1 - t) x0 + t x1.  So one-step sampling f(z, 1, 0) =
+z - u(z, 1, 0) and k-step sampling along the ODE are `soflow.sample(flow, ..., mode="chain")`.
+
+Differentiating (t - r) u = int_r^t v in t gives the MeanFlow identity u = v - (t - r) du/dt with
+the total derivative du/dt = v d_z u + d_t u along the trajectory (dr/dt = 0), and the loss
+
+    loss_i = sg(w_i) ||u(z_t, t, r) - sg(u_tgt)||^2,   u_tgt = v - (t - r) du/dt,
+    w_i = 1 / (||u - u_tgt||^2 + c)^p.
+
+du/dt is a Jacobian-vector product of (z, t, r) -> F(z, t, r) along the tangents (v, 1, 0),
+computed with `torch.func.jvp`, whose primal output is the one forward with grad of the step.
+
+Training-time guidance (MeanFlow section 4.2 and its appendix): inside the interval
+t_min <= t <= t_max, on rows whose label was not dropped,
+
+    v_tilde = omega v + kappa u(z_t, t, t | c) + (1 - omega - kappa) u(z_t, t, t | null),
+
+with both model terms evaluated without grad; elsewhere v_tilde = v.  v_tilde replaces v in the
+target and in the JVP tangent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..nets.dit import math_attention
+from ..paths import EulerParameterization, LinearPath, conditional_velocity, expand_as_rows, interpolate
+from ..solution import SolutionFlow
+from ..times import logit_normal
+
+REDUCTIONS = ("sum", "mean")
+
+
+def _per_row(x: Tensor, reduction: str) -> Tensor:
+    x = x.reshape(x.shape[0], -1)
+    return x.sum(dim=1) if reduction == "sum" else x.mean(dim=1)
+
+
+def unwrap_ddp(net: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (torch.func.jvp cannot run through DDP)."""
+    return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
+
+
+def check_meanflow_flow(flow: SolutionFlow) -> None:
+    if not isinstance(flow.param, EulerParameterization) or not isinstance(flow.path, LinearPath):
+        raise ValueError("MeanFlow needs the Euler parameterization and the linear path "
+                         f"(got parameterization {flow.param.name!r}, path {flow.path.name!r})")
+
+
+def average_velocity_and_derivative(net: nn.Module, z: Tensor, t: Tensor, r: Tensor, v: Tensor,
+                                    labels: Tensor | None = None,
+                                    augment_labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(u, du/dt): u = F(z, t, r) and its total derivative v d_z u + d_t u, in one evaluation.
+
+    A forward-mode JVP of (z, t, r) -> F(z, t, r) along (v, 1, 0); u is its primal output and keeps
+    its autograd graph (the forward with grad), du/dt should be detached by the caller.  Attention
+    runs on SDPA's math backend, the only one with forward-mode AD.
+    """
+    def u_fn(z_: Tensor, t_: Tensor, r_: Tensor) -> Tensor:
+        return net(z_, t_, r_, labels, augment_labels).to(z_.dtype)
+
+    with math_attention():
+        return torch.func.jvp(u_fn, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+
+
+@dataclass
+class MeanFlowLoss:
+    """Callable loss: `loss, stats = MeanFlowLoss(...)(flow, x0, labels, step)`.
+
+    p, c:             adaptive weight 1 / (||u - u_tgt||^2 + c)^p.  The paper writes c > 0 small,
+                      e.g. 1e-3, and uses p = 1 on ImageNet; c = 0.01 behaves the same in practice
+                      since ||.||^2 is summed over thousands of dimensions.  p = 0 gives the plain
+                      squared error.
+    reduction:        "sum" (MeanFlow: squared L2 norm per sample) or "mean" over the dimensions
+    time_mean, time_std: logit-normal (mean, std) of the two times; t = max, r = min
+    ratio_r_neq_t:    share of each batch (the first rows) keeping r < t; the other rows get r = t
+                      (MeanFlow's ImageNet setting: 25 %)
+    omega, kappa:     training-time guidance scale and mix; omega = 1, kappa = 0 is no guidance
+    t_min, t_max:     guidance applies where t_min <= t <= t_max
+    cfg_drop_rate:    share of labels replaced by the null class (num_classes)
+
+    One step makes exactly one network forward with grad: the primal of the JVP.  With guidance
+    on it adds one forward without grad (conditional and unconditional rows batched together).
+
+    `net` may be the caller's wrapper of flow.net.  A DistributedDataParallel wrapper is unwrapped
+    (forward-mode AD does not run through DDP), so DDP's forward-time bookkeeping is skipped and
+    gradient synchronization is the training loop's job (e.g. `require_backward_grad_sync` /
+    `no_sync` handling plus an explicit all-reduce); this is not exercised by the tests here.
+    Other wrappers are called as given (a torch.compile'd MLP works under torch.func.jvp on CPU).
+    """
+
+    p: float = 1.0
+    c: float = 1e-3
+    reduction: str = "sum"
+    time_mean: float = -0.4
+    time_std: float = 1.0
+    ratio_r_neq_t: float = 0.25
+    omega: float = 1.0
+    kappa: float = 0.0
+    t_min: float = 0.0
+    t_max: float = 1.0
+    cfg_drop_rate: float = 0.0
+
+    def __post_init__(self):
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"unknown reduction {self.reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+        if not 0.0 <= self.ratio_r_neq_t <= 1.0:
+            raise ValueError(f"ratio_r_neq_t must lie in [0, 1], got {self.ratio_r_neq_t}")
+        if not 0.0 <= self.cfg_drop_rate <= 1.0:
+            raise ValueError(f"cfg_drop_rate must lie in [0, 1], got {self.cfg_drop_rate}")
+        if self.t_min > self.t_max:
+            raise ValueError(f"guidance interval is empty: t_min {self.t_min} > t_max {self.t_max}")
+
+    @property
+    def guided(self) -> bool:
+        return self.omega != 1.0 or self.kappa != 0.0
+
+    def sample_times(self, n: int, device=None, generator=None) -> tuple[Tensor, Tensor]:
+        """(t, r): the max and min of two logit-normal draws; rows from int(ratio_r_neq_t n) on get r = t."""
+        a = logit_normal(n, self.time_mean, self.time_std, device=device, generator=generator)
+        b = logit_normal(n, self.time_mean, self.time_std, device=device, generator=generator)
+        t, r = torch.maximum(a, b), torch.minimum(a, b)
+        keep = torch.arange(n, device=t.device) < int(self.ratio_r_neq_t * n)
+        return t, torch.where(keep, r, t)
+
+    def __call__(self, flow: SolutionFlow, x0: Tensor, labels: Tensor | None = None, step: int = 0,
+                 augment_labels: Tensor | None = None, net: nn.Module | None = None) -> tuple[Tensor, dict]:
+        b, dev = x0.shape[0], x0.device
+        x1 = torch.randn_like(x0)
+        cfg_mask = None
+        if labels is not None and self.cfg_drop_rate > 0:
+            cfg_mask = torch.rand(b, device=dev) < self.cfg_drop_rate
+        t, r = self.sample_times(b, device=dev)
+        return self.loss_on(flow, x0, x1, t.to(x0.dtype), r.to(x0.dtype), labels, cfg_mask, augment_labels, net)
+
+    def loss_on(self, flow: SolutionFlow, x0: Tensor, x1: Tensor, t: Tensor, r: Tensor,
+                labels: Tensor | None = None, cfg_mask: Tensor | None = None,
+                augment_labels: Tensor | None = None, net: nn.Module | None = None) -> tuple[Tensor, dict]:
+        """The loss for given data x0, noise x1, times t >= r [B], true labels and drop mask."""
+        check_meanflow_flow(flow)
+        net = unwrap_ddp(flow.net if net is None else net)
+        z = interpolate(flow.path, x0, x1, t)
+        v = conditional_velocity(flow.path, x0, x1, t)
+        if labels is not None and cfg_mask is not None:
+            dropped = torch.where(cfg_mask, torch.full_like(labels, flow.num_classes), labels)
+        else:
+            dropped = labels
+        if self.guided:
+            with torch.no_grad():
+                v = self.guided_velocity(flow, net, z, t, v, labels, cfg_mask, augment_labels)
+
+        u, dudt = average_velocity_and_derivative(net, z, t, r, v, dropped, augment_labels)
+        u_tgt = (v - expand_as_rows(t - r, v) * dudt).detach()
+        err = (u - u_tgt) ** 2
+        sq = _per_row(err, self.reduction)
+        weight = 1 / (sq.detach() + self.c) ** self.p
+        stats = {"meanflow_mse": err.detach().mean(), "meanflow_weight": weight.mean()}
+        return (weight * sq).mean(), stats
+
+    def guided_velocity(self, flow: SolutionFlow, net: nn.Module, z: Tensor, t: Tensor, v: Tensor,
+                        labels: Tensor | None, cfg_mask: Tensor | None = None,
+                        augment_labels: Tensor | None = None) -> Tensor:
+        """v_tilde = omega v + kappa u(z, t, t | c) + (1 - omega - kappa) u(z, t, t | null) where
+        t_min <= t <= t_max and the label was kept; v elsewhere.  Call without grad."""
+        if labels is None:
+            raise ValueError("omega / kappa guidance needs class labels; use omega=1, kappa=0 for unconditional data")
+        w_uncond = 1.0 - self.omega - self.kappa
+        null = torch.full_like(labels, flow.num_classes)
+        xs, ys = [], []
+        if self.kappa != 0.0:
+            xs.append(z); ys.append(labels)
+        if w_uncond != 0.0:
+            xs.append(z); ys.append(null)
+        v_tilde = self.omega * v
+        if xs:
+            n = len(xs)
+            tt = t.repeat(n)
+            aug = None if augment_labels is None else augment_labels.repeat(n, *([1] * (augment_labels.dim() - 1)))
+            u = net(torch.cat(xs), tt, tt, torch.cat(ys), aug).to(v.dtype).chunk(n)
+            coefs = ([self.kappa] if self.kappa != 0.0 else []) + ([w_uncond] if w_uncond != 0.0 else [])
+            for coef, u_i in zip(coefs, u):
+                v_tilde = v_tilde + coef * u_i
+        inside = (t >= self.t_min) & (t <= self.t_max)
+        if cfg_mask is not None:
+            inside = inside & ~cfg_mask
+        return torch.where(expand_as_rows(inside, v), v_tilde, v)
