@@ -59,7 +59,7 @@ def test_velocity_is_s_derivative_of_solution(path, param, net_name, shape, kw):
     y = torch.arange(shape[0]) % 3
     with torch.no_grad():
         f = lambda s: flow.solution_from(x, t, s, flow.net(x, t, s, y))
-        numeric = fd(f, t, h=1e-5)
+        numeric = fd(f, t, h=1e-7)
         v = flow.velocity(x, t, y)
         assert (v - numeric).abs().max() < 1e-7 * v.abs().max()
         assert torch.equal(flow.solution(x, t, t, y), x)  # boundary condition f(x, t, t) = x
