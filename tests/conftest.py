@@ -36,3 +36,38 @@ def randomize(module: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def random_inception_weights(tmp_path_factory):
+    """A weights file for torch-fidelity's InceptionV3 with random values: He-normal convolutions,
+    identity batch norms, small random classifier, so that features differ between images."""
+    inc = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+
+    class Skeleton(inc.FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the default init
+            return None
+
+    folder = tmp_path_factory.mktemp("inception")
+    torch.save({}, folder / "empty.pth")  # a path given, so the constructor does not download
+    state = Skeleton("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(folder / "empty.pth")).state_dict()
+    g = torch.Generator().manual_seed(0)
+    weights = {}
+    for name, t in state.items():
+        if name.endswith("conv.weight"):
+            fan_in = t[0].numel()
+            value = torch.randn(t.shape, generator=g) * (2.0 / fan_in) ** 0.5
+        elif name.endswith("bn.weight") or name.endswith("running_var"):
+            value = torch.ones_like(t)
+        elif name.endswith("bn.bias") or name.endswith("running_mean"):
+            value = torch.zeros_like(t)
+        elif name == "fc.weight":
+            value = torch.randn(t.shape, generator=g) / t.shape[1] ** 0.5
+        elif name == "fc.bias":
+            value = torch.randn(t.shape, generator=g) * 0.1
+        else:  # num_batches_tracked
+            value = t.clone()
+        weights[name] = value
+    path = folder / "random-inception.pth"
+    torch.save(weights, path)
+    return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ def _errors():
     from .train.config import ConfigError
     from .train.loop import TrainingError
 
-    return (ConfigError, DataError, CheckpointError, ReferenceError, TrainingError, FileNotFoundError)
+    return (ConfigError, DataError, CheckpointError, ReferenceError, TrainingError, FileNotFoundError, ImportError)
 
 
 def cmd_train(args) -> int:
@@ -42,26 +43,75 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    """Samples over all torchrun ranks: rank r draws a contiguous range of sample indices (per-sample
+    seeds make the result independent of the number of ranks); rank 0 writes the output."""
     import torch
 
-    from .sampling import sample
+    from .sampling import generate
+    from .train import distributed
     from .train.load import load_run
     from .writers import write_samples
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, flow, step = load_run(args.checkpoint, args.weights, device=device,
-                               warn=lambda m: print(m, file=sys.stderr))
-    labels = args.class_id
-    if labels is not None and not flow.num_classes:
-        raise ValueError("--class given but the model is unconditional")
-    x = sample(flow, args.num, nfe=args.nfe, seed=args.seed, labels=labels, mode=args.mode,
-               guidance=args.guidance, batch_size=args.batch_size)
-    if cfg.data.name == "imagenet-latents" and not str(args.out).endswith(".npy"):
-        from .data.latents import decode, load_vae
+    env = distributed.setup(args.device or "auto")
+    try:
+        cfg, flow, step = load_run(args.checkpoint, args.weights, device=env.device,
+                                   warn=lambda m: print(m, file=sys.stderr) if env.is_main else None)
+        if args.class_id is not None and not flow.num_classes:
+            raise ValueError("--class given but the model is unconditional")
+        if args.mode and (args.mode in ("euler", "heun")) != (cfg.method == "flow_matching"):
+            raise ValueError(f"--mode {args.mode}: method {cfg.method} samples with "
+                             + ("euler | heun" if cfg.method == "flow_matching" else "renoise | chain"))
+        share = -(-args.num // env.world)
+        first, last = min(args.num, env.rank * share), min(args.num, (env.rank + 1) * share)
+        x = generate(cfg.method, flow, last - first, args.nfe, mode=args.mode, seed=args.seed, labels=args.class_id,
+                     guidance=args.guidance, batch_size=args.batch_size, first_index=first)
+        if cfg.data.name == "imagenet-latents" and not str(args.out).endswith(".npy"):
+            from .data.latents import decode, load_vae
 
-        x = decode(load_vae(args.vae or cfg.data.vae, device), x)
-    out = write_samples(args.out, x)
-    print(f"{args.num} samples ({args.nfe}-NFE, {args.mode}, step {step}) written to {out}")
+            x = decode(load_vae(args.vae or cfg.data.vae, env.device), x)
+        parts = distributed.all_gather_objects(env, x.cpu())
+        if env.is_main:
+            out = write_samples(args.out, torch.cat(parts))
+            print(f"{args.num} samples ({args.nfe} steps, {cfg.method}, step {step}) written to {out}")
+    finally:
+        distributed.teardown(env)
+    return 0
+
+
+def cmd_fid(args) -> int:
+    import json
+
+    from .eval.fid import frechet_distance, load_stats, save_stats
+    from .eval.run import image_stats
+
+    mu, sigma, score, n = image_stats(args.images, args.inception_weights, args.device, args.batch_size,
+                                      args.data_path, with_is=getattr(args, "inception_score", False), dims=args.dims)
+    if args.fid_command == "ref":
+        save_stats(args.out, mu, sigma)
+        print(f"statistics of {n} images written to {args.out}")
+        return 0
+    result = {"fid": frechet_distance(mu, sigma, *load_stats(args.ref)), "num_images": n}
+    if score is not None:
+        result["inception_score"], result["inception_score_std"] = score
+    print(json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from .eval.run import eval_fmnist, eval_points
+
+    warn = lambda m: print(m, file=sys.stderr)
+    if args.eval_command == "points":
+        result = eval_points(args.checkpoint, args.nfe, args.num, args.seed, warn=warn)
+    else:
+        result = eval_fmnist(args.checkpoint, args.nfe, args.per_class, args.seed, args.data_path, warn=warn)
+    print(json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 
@@ -105,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", required=True, help="run folder, ckpt-*.pt file or exports/*.safetensors")
     s.add_argument("--num", type=int, default=64)
     s.add_argument("--nfe", type=int, default=1)
-    s.add_argument("--mode", choices=("renoise", "chain"), default="renoise")
+    s.add_argument("--mode", choices=("renoise", "chain", "euler", "heun"),
+                   help="soflow: renoise (default) | chain; meanflow: chain; flow_matching: euler (default) | heun")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--class", dest="class_id", type=int, help="class id for a class-conditional model")
     s.add_argument("--guidance", type=float, default=1.0, help="sampling-time guidance scale (1: none)")
@@ -126,6 +177,42 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", choices=("auto", "cpu", "cuda"))
     e.set_defaults(func=cmd_encode_latents)
 
+    f = sub.add_parser("fid", help="FID / Inception Score with torch-fidelity's InceptionV3 (local weights)")
+    fsub = f.add_subparsers(dest="fid_command", required=True)
+    for name in ("ref", "calc"):
+        q = fsub.add_parser(name, help="write reference statistics" if name == "ref" else "FID against a reference")
+        q.add_argument("--images", required=True, help="image folder, ADM-style .npz (arr_0 uint8 NHWC), fmnist or cifar10")
+        q.add_argument("--data-path", help="dataset folder when --images names a dataset")
+        q.add_argument("--inception-weights", help="pt_inception-2015-12-05 weights (default: $SOFLOW_INCEPTION_WEIGHTS "
+                                                   "or ~/.cache/soflow/pt_inception-2015-12-05-6726825d.pth)")
+        q.add_argument("--batch-size", type=int, default=64)
+        q.add_argument("--device")
+        q.add_argument("--dims", choices=("2048", "768", "192", "64"), default="2048",
+                       help="Inception layer (2048: standard FID)")
+        if name == "ref":
+            q.add_argument("--out", required=True, help="statistics .npz (mu, sigma)")
+        else:
+            q.add_argument("--ref", required=True, help="statistics .npz with mu and sigma (ADM's reference files work)")
+            q.add_argument("--json", help="also write the result as JSON here")
+            q.add_argument("--is", dest="inception_score", action="store_true", help="also compute the Inception Score")
+    f.set_defaults(func=cmd_fid)
+
+    v = sub.add_parser("eval", help="evaluate a trained run")
+    vsub = v.add_subparsers(dest="eval_command", required=True)
+    for name in ("points", "fmnist"):
+        q = vsub.add_parser(name, help="energy distance and sliced W2" if name == "points"
+                            else "classifier Frechet distance and class accuracy")
+        q.add_argument("--checkpoint", required=True)
+        q.add_argument("--nfe", type=int, default=1)
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--json", help="also write the result as JSON here")
+        if name == "points":
+            q.add_argument("--num", type=int, default=2000)
+        else:
+            q.add_argument("--per-class", type=int, default=100)
+            q.add_argument("--data-path", help="Fashion-MNIST folder (default: the run's data.path or the Debian one)")
+    v.set_defaults(func=cmd_eval)
+
     c = sub.add_parser("convert-reference", help="turn a reference checkpoint + YAML into a soflow run folder")
     c.add_argument("--checkpoint", required=True)
     c.add_argument("--config", required=True)
@@ -139,6 +226,8 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except _errors() + (ValueError,) as e:
+        if os.environ.get("SOFLOW_DEBUG"):
+            raise
         print(f"soflow {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -181,3 +181,12 @@ def ode_sample(model: SolutionFlow, n: int, steps: int, *, method: str = "euler"
             y = None if y is None else y.to(device)
             out.append(run_ode(model, noise[:, 0].to(device, dtype), steps, y, method, guidance))
     return torch.cat(out)
+
+
+def generate(method: str, model: SolutionFlow, n: int, nfe: int, *, mode: str | None = None, **kw) -> Tensor:
+    """Samples the way each training method is meant to be sampled with `nfe` evaluations:
+    soflow with `sample` (renoise by default), meanflow with `sample` in chain mode (its native
+    k-step rule), flow_matching by integrating its velocity (`mode` = euler | heun)."""
+    if method == "flow_matching":
+        return ode_sample(model, n, nfe, method=mode or "euler", **kw)
+    return sample(model, n, nfe=nfe, mode=mode or ("chain" if method == "meanflow" else "renoise"), **kw)

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from ..nets import build, canonical_name
-from ..objectives import SoFlowLoss
+from ..objectives import SoFlowLoss, make_objective
 from ..solution import SolutionFlow
 from .config import Config, ConfigError
 
@@ -15,7 +15,7 @@ from .config import Config, ConfigError
 def network_args(cfg: Config, sample_shape: tuple, num_classes: int) -> dict:
     """The network's constructor arguments: data-dependent sizes first, then model.net_args."""
     name = canonical_name(cfg.model.net)
-    guided = cfg.objective.cfg_drop_rate > 0
+    guided = guided_training(cfg)
     if name == "mlp":
         args = dict(dim=sample_shape[0], num_classes=num_classes, null_class=guided)
     elif name.startswith("dit"):
@@ -39,10 +39,19 @@ def build_flow(cfg: Config, sample_shape: tuple, num_classes: int) -> SolutionFl
     return SolutionFlow(net, cfg.model.path, cfg.model.parameterization)
 
 
-def build_objective(cfg: Config) -> SoFlowLoss:
-    o = dataclasses.asdict(cfg.objective)
-    return SoFlowLoss(**{**o, "time_mean": tuple(o["time_mean"]), "time_std": tuple(o["time_std"])},
-                      total_steps=cfg.train.total_steps)
+def build_objective(cfg: Config):
+    """The loss of `cfg.method` with its config section."""
+    if cfg.method == "soflow":
+        o = dataclasses.asdict(cfg.objective)
+        return SoFlowLoss(**{**o, "time_mean": tuple(o["time_mean"]), "time_std": tuple(o["time_std"])},
+                          total_steps=cfg.train.total_steps)
+    return make_objective(cfg.method, **dataclasses.asdict(getattr(cfg, cfg.method)))
+
+
+def guided_training(cfg: Config) -> bool:
+    """Whether labels are dropped to the null class in training (so the network needs that row)."""
+    section = cfg.objective if cfg.method == "soflow" else getattr(cfg, cfg.method)
+    return section.cfg_drop_rate > 0
 
 
 def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:

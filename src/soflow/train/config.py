@@ -48,6 +48,34 @@ class ObjectiveConfig:
 
 
 @dataclass
+class MeanFlowConfig:
+    """MeanFlow baseline (method=meanflow; names follow soflow.objectives.MeanFlowLoss)."""
+
+    p: float = 1.0
+    c: float = 1e-3
+    reduction: str = "sum"
+    time_mean: float = -0.4
+    time_std: float = 1.0
+    ratio_r_neq_t: float = 0.25
+    omega: float = 1.0
+    kappa: float = 0.0
+    t_min: float = 0.0
+    t_max: float = 1.0
+    cfg_drop_rate: float = 0.0
+
+
+@dataclass
+class FlowMatchingConfig:
+    """Flow-matching baseline (method=flow_matching; soflow.objectives.FlowMatchingLoss)."""
+
+    time_mean: float = 0.0
+    time_std: float = 1.0
+    cfg_drop_rate: float = 0.0
+    p: float = 0.0
+    eps: float = 0.01
+
+
+@dataclass
 class DataConfig:
     # checkerboard | moons | 8gaussians | spirals | points | fmnist | cifar10 | imagefolder | imagenet-latents
     name: str = "checkerboard"
@@ -93,6 +121,8 @@ class Config:
     method: str = "soflow"
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
+    flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -100,7 +130,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-METHODS = ("soflow",)
+METHODS = ("soflow", "meanflow", "flow_matching")
 CHOICES = {
     "method": METHODS,
     "model.path": ("linear", "trig"),
@@ -212,6 +242,10 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"objective.{key}: expected 3 numbers [flow-matching t, consistency s, consistency t], got {v!r}")
     if len(t.betas) != 2 or not all(_type_ok(x, float) for x in t.betas):
         raise ConfigError(f"train.betas: expected two numbers, got {t.betas!r}")
+    if cfg.method == "meanflow" and (cfg.model.path, cfg.model.parameterization) != ("linear", "euler"):
+        raise ConfigError("method=meanflow needs model.path=linear and model.parameterization=euler")
+    if cfg.method == "meanflow" and t.fsdp:
+        raise ConfigError("train.fsdp: not supported with method=meanflow (its JVP runs on the unwrapped network)")
     if not t.sample_nfe or not all(_type_ok(x, int) and x >= 1 for x in t.sample_nfe):
         raise ConfigError(f"train.sample_nfe: expected a list of positive integers, got {t.sample_nfe!r}")
     from ..data import DATASETS

@@ -17,7 +17,7 @@ import torch
 
 from ..data import make_dataset
 from ..data.stream import batches
-from ..sampling import sample
+from ..sampling import generate
 from ..data.augment import AugmentPipe
 from ..seeding import derive_seed, generator
 from . import distributed, parallel
@@ -95,7 +95,8 @@ def train(cfg: Config, run_dir: str | Path, stop_after: int | None = None, on_st
     if resumed is not None:
         flow.net.load_state_dict(resumed["net"])
         ema.load_state_dict(resumed["ema"])
-    net_call = parallel.wrap(flow.net, ema.model, env, fsdp=t.fsdp, compile=t.compile)
+    through_ddp = cfg.method != "meanflow"  # MeanFlow's JVP runs on the bare network
+    net_call = parallel.wrap(flow.net, ema.model, env, fsdp=t.fsdp, compile=t.compile, ddp=through_ddp)
     optimizer = build_optimizer(cfg, flow.net.parameters())
     objective = build_objective(cfg)
     torch.manual_seed(derive_seed(t.seed, env.rank))  # noise, times, dropout differ per rank
@@ -149,6 +150,8 @@ def train(cfg: Config, run_dir: str | Path, stop_after: int | None = None, on_st
                 with sync, autocast:
                     loss, stats = objective(flow, x0, labels, step=step, augment_labels=augment_labels, net=net_call)
                 scaler.scale(loss / t.grad_accum).backward()
+            if not through_ddp:
+                parallel.average_gradients(params, env)
             scaler.unscale_(optimizer)
             grad_norm = parallel.local_tensor(torch.nn.utils.clip_grad_norm_(params, float("inf")))
             scaler.step(optimizer)
@@ -173,8 +176,8 @@ def train(cfg: Config, run_dir: str | Path, stop_after: int | None = None, on_st
                 _check_finite(first_bad, t.total_steps, last_saved, run_dir)
             if step % t.log_every == 0 or step == t.total_steps:
                 elapsed = time.perf_counter() - timer
-                log.metrics(step, _averaged(env, totals, count), r=objective.ratio(step - 1),
-                            samples_per_s=count * t.batch_size / elapsed,
+                schedule = {"r": objective.ratio(step - 1)} if hasattr(objective, "ratio") else {}
+                log.metrics(step, _averaged(env, totals, count), **schedule, samples_per_s=count * t.batch_size / elapsed,
                             peak_memory_gb=_peak_memory_gb(env.device))
                 totals, count, timer = {}, 0, time.perf_counter()
             if step % t.checkpoint_every == 0 or step == t.total_steps or halt or signalled:
@@ -269,13 +272,14 @@ def write_samples(cfg: Config, flow, data, folder: Path, step: int, log, env) ->
     if len(data.sample_shape) == 1:
         n = cfg.train.sample_num
         panels = {"data": data.reference(n)}
-        panels.update({f"{nfe}-NFE": sample(flow, n, nfe=nfe, seed=seed)[:, :2].cpu() for nfe in cfg.train.sample_nfe})
+        panels.update({f"{nfe}-NFE": generate(cfg.method, flow, n, nfe, seed=seed)[:, :2].cpu()
+                       for nfe in cfg.train.sample_nfe})
         paths = [scatter_panels(folder / f"step{step:08d}.png", panels)] if env.is_main else []
     else:
         classes = torch.linspace(0, k - 1, min(k, 10)).round().long() if k else None  # at most 10 rows
         labels = classes.repeat_interleave(10) if k else None
         n = len(labels) if k else 64
-        grids = {nfe: sample(flow, n, nfe=nfe, seed=seed, labels=labels) for nfe in cfg.train.sample_nfe}
+        grids = {nfe: generate(cfg.method, flow, n, nfe, seed=seed, labels=labels) for nfe in cfg.train.sample_nfe}
         if cfg.data.name == "imagenet-latents":
             if not cfg.data.vae:
                 return []  # no decoder: nothing to look at

@@ -21,13 +21,14 @@ def shard(net: nn.Module) -> None:
     fully_shard(net)
 
 
-def wrap(net: nn.Module, ema_model: nn.Module, env: Env, fsdp: bool, compile: bool) -> nn.Module:
-    """The callable used for the training forwards (same weights as `net`)."""
+def wrap(net: nn.Module, ema_model: nn.Module, env: Env, fsdp: bool, compile: bool, ddp: bool = True) -> nn.Module:
+    """The callable used for the training forwards (same weights as `net`).  ddp=False leaves
+    gradient averaging to `average_gradients` (for objectives that cannot call through DDP)."""
     call = net
     if env.distributed and fsdp:
         shard(net)
         shard(ema_model)
-    elif env.distributed:
+    elif env.distributed and ddp:
         call = DistributedDataParallel(net, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     return torch.compile(call) if compile else call
 
@@ -63,3 +64,17 @@ def load_optimizer(net: nn.Module, optimizer, state: dict) -> None:
 def local_tensor(x: torch.Tensor) -> torch.Tensor:
     """A plain tensor from a possibly distributed one (e.g. the grad norm under FSDP)."""
     return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+def average_gradients(params, env: Env) -> None:
+    """All-reduce mean of the gradients, for steps that did not go through DDP."""
+    if not env.distributed:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= env.world
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
