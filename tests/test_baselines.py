@@ -172,7 +172,7 @@ def test_meanflow_call_on_dit_trains_and_samples_with_chain():
     assert torch.isfinite(loss) and net.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     assert torch.isfinite(stats["meanflow_mse"])
     # one-step MeanFlow sampling z - u(z, 1, 0) is soflow's chain sampling
-    z, y = draw_inputs(net.sample_shape, 1, "chain", 3, 0, range(2))
+    z, y = draw_inputs(net.sample_shape, 1, 3, 0, range(2))
     with torch.no_grad():
         expect = z[:, 0] - net(z[:, 0], torch.ones(2), torch.zeros(2), y)
     assert torch.allclose(sample(flow.eval(), 2, 1, mode="chain"), expect, atol=1e-5)
@@ -248,7 +248,7 @@ def flow_model(num_classes=0):
 
 def test_euler_one_step_and_heun_two_steps_by_hand():
     flow = flow_model()
-    x1 = draw_inputs((2,), 1, "chain", 0, 9, range(5))[0][:, 0]
+    x1 = draw_inputs((2,), 1, 0, 9, range(5))[0][:, 0]
     with torch.no_grad():
         assert torch.allclose(ode_sample(flow, 5, 1, seed=9), x1 - flow.velocity(x1, 1.0), atol=1e-6)
         d = flow.velocity(x1, 1.0)
@@ -262,7 +262,7 @@ def test_euler_one_step_and_heun_two_steps_by_hand():
 def test_ode_sampling_guidance_and_batches():
     flow = flow_model(num_classes=3)
     y = torch.tensor([0, 1, 2, 1])
-    x1 = draw_inputs((2,), 1, "chain", 3, 5, range(4))[0][:, 0]
+    x1 = draw_inputs((2,), 1, 3, 5, range(4))[0][:, 0]
     with torch.no_grad():
         cond, uncond = flow.velocity(x1, 1.0, y), flow.velocity(x1, 1.0, torch.full_like(y, 3))
     expect = x1 - (uncond + 2.5 * (cond - uncond))

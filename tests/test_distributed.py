@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from soflow.train.checkpoint import list_checkpoints, read_checkpoint
@@ -19,8 +20,9 @@ def torchrun(*args, timeout=300):
                            *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_two_ranks_keep_identical_weights_after_every_step(tmp_path):
-    proc = torchrun(WORKER, tmp_path / "run", tmp_path, 6)
+@pytest.mark.parametrize("method", ["soflow", "meanflow"])
+def test_two_ranks_keep_identical_weights_after_every_step(tmp_path, method):
+    proc = torchrun(WORKER, tmp_path / "run", tmp_path, 6, f"method={method}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())

@@ -15,20 +15,20 @@ def model(name="mlp", **kw):
 def test_one_step_is_solution_from_one_to_zero():
     flow = model(num_classes=3)
     x = sample(flow, 5, nfe=1, seed=7)
-    noise, labels = draw_inputs((2,), 1, "renoise", 3, 7, range(5))
+    noise, labels = draw_inputs((2,), 1, 3, 7, range(5))
     with torch.no_grad():
         assert torch.allclose(x, flow.solution(noise[:, 0], 1.0, 0.0, labels))
 
 
 def test_renoise_and_chain_two_steps_by_hand():
     flow = SolutionFlow(randomize(build("mlp"), std=0.1), path="trig").eval()
-    noise, _ = draw_inputs((2,), 2, "renoise", 0, 3, range(4))
+    noise, _ = draw_inputs((2,), 2, 0, 3, range(4))
     with torch.no_grad():
         x0_hat = flow.solution(noise[:, 0], 1.0, 0.0)
         a, b = flow.path.alpha(torch.tensor(0.5)), flow.path.beta(torch.tensor(0.5))
         expect = flow.solution(a * x0_hat + b * noise[:, 1], 0.5, 0.0)
         assert torch.allclose(sample(flow, 4, nfe=2, seed=3), expect)
-        z = draw_inputs((2,), 2, "chain", 0, 3, range(4))[0][:, 0]
+        z = draw_inputs((2,), 1, 0, 3, range(4))[0][:, 0]
         chained = flow.solution(flow.solution(z, 1.0, 0.5), 0.5, 0.0)
         assert torch.allclose(sample(flow, 4, nfe=2, seed=3, mode="chain"), chained)
 
@@ -46,7 +46,7 @@ def test_same_seed_same_sample_whatever_the_batch(nfe, mode):
 def test_sampling_guidance_extrapolates_network_output():
     flow = model(num_classes=3)
     y = torch.tensor([0, 1, 2, 1])
-    z = draw_inputs((2,), 1, "renoise", 3, 5, range(4))[0][:, 0]
+    z = draw_inputs((2,), 1, 3, 5, range(4))[0][:, 0]
     with torch.no_grad():
         one, zero = torch.ones(4), torch.zeros(4)
         cond, uncond = flow.net(z, one, zero, y), flow.net(z, one, zero, torch.full_like(y, 3))

@@ -58,7 +58,7 @@ def test_run_folder_contents_and_metrics(tmp_path):
 def test_keep_last_and_every_kth(tmp_path):
     run = tmp_path / "run"
     train(run, "--set", "train.total_steps=12", "--set", "train.checkpoint_every=2", "--set", "train.keep_last=2",
-          "--set", "train.keep_every=4", check=True)
+          "--set", "train.keep_every=4", "--set", "train.grad_accum=2", check=True)
     assert sorted(s for s, _ in list_checkpoints(run)) == [4, 8, 10, 12]
 
 
@@ -143,3 +143,16 @@ def test_compiled_training_saves_plain_names(tmp_path):
     train(run, "--set", "train.total_steps=3", "--set", "train.compile=true", check=True, timeout=600)
     ckpt = read_checkpoint(list_checkpoints(run)[0][1])
     assert ckpt["step"] == 3 and not any("_orig_mod" in k or "module." in k for k in ckpt["net"])
+
+
+@pytest.mark.parametrize("method,modes", [("meanflow", ["chain"]), ("flow_matching", ["euler", "heun"])])
+def test_baseline_methods_train_and_sample(tmp_path, method, modes):
+    run = tmp_path / "run"
+    train(run, "--set", f"method={method}", "--set", "train.total_steps=4", check=True)
+    assert read_checkpoint(list_checkpoints(run)[0][1])["config"]["method"] == method
+    for mode in modes:
+        soflow("sample", "--checkpoint", run, "--num", "8", "--nfe", "2", "--mode", mode, "--out", tmp_path / f"{mode}.npy",
+               check=True)
+        assert np.load(tmp_path / f"{mode}.npy").shape == (8, 2)
+    proc = soflow("sample", "--checkpoint", run, "--num", "8", "--mode", "renoise", "--out", tmp_path / "x.npy")
+    assert_one_line_error(proc, "--mode renoise")

@@ -26,9 +26,9 @@ from .solution import SolutionFlow
 MODES = ("renoise", "chain")
 
 
-def draw_inputs(shape: tuple, nfe: int, mode: str, num_classes: int, seed: int, indices) -> tuple[Tensor, Tensor | None]:
-    """Noise [n, draws, *shape] (1 draw for chain, nfe for renoise) and random labels per sample."""
-    draws = nfe if mode == "renoise" else 1
+def draw_inputs(shape: tuple, draws: int, num_classes: int, seed: int, indices) -> tuple[Tensor, Tensor | None]:
+    """Noise [n, draws, *shape] and (for class-conditional models) a random label per sample, all
+    from the sample's own generator: renoise sampling draws nfe noises, chain and ODE sampling one."""
     noise, labels = [], []
     for i in indices:
         g = generator(seed, int(i))
@@ -38,16 +38,36 @@ def draw_inputs(shape: tuple, nfe: int, mode: str, num_classes: int, seed: int, 
     return torch.stack(noise), (torch.stack(labels) if num_classes else None)
 
 
+def _network(model: SolutionFlow, x: Tensor, t: Tensor, s: Tensor, labels, guidance: float) -> Tensor:
+    """F(x, t, s), or with guidance F_uncond + w (F_cond - F_uncond) from one batched forward.
+    f and v are affine in F, so this guides the solution and the velocity alike."""
+    if guidance == 1.0 or labels is None:
+        return model.net(x, t, s, labels).to(x.dtype)
+    null = torch.full_like(labels, model.num_classes)
+    cond, uncond = model.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([s, s]),
+                             torch.cat([labels, null])).to(x.dtype).chunk(2)
+    return uncond + guidance * (cond - uncond)
+
+
 def _solution(model: SolutionFlow, x: Tensor, t: float, s: float, labels, guidance: float) -> Tensor:
     tt, ss = torch.full((x.shape[0],), t, device=x.device), torch.full((x.shape[0],), s, device=x.device)
-    if guidance == 1.0 or labels is None:
-        out = model.net(x, tt, ss, labels)
-    else:  # F_uncond + w (F_cond - F_uncond), one batched forward
-        null = torch.full_like(labels, model.num_classes)
-        both = model.net(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([ss, ss]), torch.cat([labels, null]))
-        cond, uncond = both.chunk(2)
-        out = uncond + guidance * (cond - uncond)
-    return model.solution_from(x, tt, ss, out.to(x.dtype))
+    return model.solution_from(x, tt, ss, _network(model, x, tt, ss, labels, guidance))
+
+
+def _in_batches(model: SolutionFlow, n: int, draws: int, seed: int, labels, batch_size: int, first_index: int,
+                device, run) -> Tensor:
+    """Per-sample noise [b, draws, ...] and labels, batch by batch, through run(noise, labels)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    labels = _requested_labels(labels, n, model.num_classes)
+    shape, dtype = tuple(model.net.sample_shape), next(model.parameters()).dtype
+    out = []
+    with eval_mode(model):
+        for start in range(0, n, batch_size):
+            idx = range(first_index + start, first_index + min(n, start + batch_size))
+            noise, drawn = draw_inputs(shape, draws, model.num_classes, seed, idx)
+            y = drawn if labels is None else labels[start:start + len(idx)]
+            out.append(run(noise.to(device, dtype), None if y is None else y.to(device)))
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -102,36 +122,18 @@ def sample(model: SolutionFlow, n: int, nfe: int = 1, *, seed: int = 0, labels=N
         raise ValueError(f"nfe must be >= 1, got {nfe}")
     if mode not in MODES:
         raise ValueError(f"unknown sampling mode {mode!r}; choose one of {', '.join(MODES)}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    num_classes = model.num_classes
-    labels = _requested_labels(labels, n, num_classes)
-    shape = tuple(model.net.sample_shape)
-    dtype = next(model.parameters()).dtype
-    out = []
-    with eval_mode(model):
-        for start in range(0, n, batch_size):
-            idx = range(first_index + start, first_index + min(n, start + batch_size))
-            noise, drawn = draw_inputs(shape, nfe, mode, num_classes, seed, idx)
-            y = drawn if labels is None else labels[start:start + len(idx)]
-            y = None if y is None else y.to(device)
-            out.append(run_sampler(model, noise.to(device, dtype), nfe, y, mode, guidance))
-    return torch.cat(out)
+    draws = nfe if mode == "renoise" else 1
+    return _in_batches(model, n, draws, seed, labels, batch_size, first_index, device,
+                       lambda noise, y: run_sampler(model, noise, nfe, y, mode, guidance))
 
 
 ODE_METHODS = ("euler", "heun")
 
 
 def _velocity(model: SolutionFlow, x: Tensor, t: float, labels, guidance: float) -> Tensor:
-    """v(x, t), with classifier-free guidance v_uncond + w (v_cond - v_uncond) in one batched forward."""
+    """v(x, t), guided as in `_network`."""
     tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
-    if guidance == 1.0 or labels is None:
-        out = model.net(x, tt, tt, labels)
-    else:
-        null = torch.full_like(labels, model.num_classes)
-        cond, uncond = model.net(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([tt, tt]),
-                                 torch.cat([labels, null])).chunk(2)
-        out = uncond + guidance * (cond - uncond)  # velocity_from is affine in F: same as guiding v
-    return model.velocity_from(x, tt, out.to(x.dtype))
+    return model.velocity_from(x, tt, _network(model, x, tt, tt, labels, guidance))
 
 
 @torch.no_grad()
@@ -167,20 +169,8 @@ def ode_sample(model: SolutionFlow, n: int, steps: int, *, method: str = "euler"
         raise ValueError(f"steps must be >= 1, got {steps}")
     if method not in ODE_METHODS:
         raise ValueError(f"unknown ODE method {method!r}; choose one of {', '.join(ODE_METHODS)}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    num_classes = model.num_classes
-    labels = _requested_labels(labels, n, num_classes)
-    shape = tuple(model.net.sample_shape)
-    dtype = next(model.parameters()).dtype
-    out = []
-    with eval_mode(model):
-        for start in range(0, n, batch_size):
-            idx = range(first_index + start, first_index + min(n, start + batch_size))
-            noise, drawn = draw_inputs(shape, steps, "chain", num_classes, seed, idx)
-            y = drawn if labels is None else labels[start:start + len(idx)]
-            y = None if y is None else y.to(device)
-            out.append(run_ode(model, noise[:, 0].to(device, dtype), steps, y, method, guidance))
-    return torch.cat(out)
+    return _in_batches(model, n, 1, seed, labels, batch_size, first_index, device,
+                       lambda noise, y: run_ode(model, noise[:, 0], steps, y, method, guidance))
 
 
 def generate(method: str, model: SolutionFlow, n: int, nfe: int, *, mode: str | None = None, **kw) -> Tensor:

@@ -8,7 +8,7 @@ the host.  Statistics come back as detached tensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -88,7 +88,6 @@ class SoFlowLoss:
     r_init: float = 0.1
     r_end: float = 0.002
     total_steps: int = 400_000
-    stats: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         middle_ratio(self.schedule, 0, 1, self.r_init, self.r_end)  # validates the schedule name

@@ -73,7 +73,7 @@ def per_rank_batch(cfg: Config, world: int) -> int:
 
 
 def train(cfg: Config, run_dir: str | Path, stop_after: int | None = None, on_step=None) -> dict:
-    """Train (or resume) the run in `run_dir`.  Returns {'step', 'checkpoint', 'stopped'}.
+    """Train (or resume) the run in `run_dir`.  Returns {'step', 'stopped', 'export', 'samples'}.
 
     on_step(step, flow), if given, is called after every optimizer step (tests use it).
     """
@@ -145,7 +145,7 @@ def train(cfg: Config, run_dir: str | Path, stop_after: int | None = None, on_st
                 augment_labels = None
                 if augment is not None:  # EDM augmentation; its labels condition the network
                     x0, augment_labels = augment(x0, generator(t.seed, step, micro, env.rank, 2))
-                sync = contextlib.nullcontext() if micro == t.grad_accum - 1 or not env.distributed else net_call.no_sync()
+                sync = parallel.no_sync(net_call, last=micro == t.grad_accum - 1)
                 autocast = torch.autocast(env.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
                 with sync, autocast:
                     loss, stats = objective(flow, x0, labels, step=step, augment_labels=augment_labels, net=net_call)

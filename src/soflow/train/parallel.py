@@ -33,6 +33,16 @@ def wrap(net: nn.Module, ema_model: nn.Module, env: Env, fsdp: bool, compile: bo
     return torch.compile(call) if compile else call
 
 
+def no_sync(net_call: nn.Module, last: bool):
+    """DDP's no_sync() for all but the last accumulation micro-step (a no-op context otherwise)."""
+    import contextlib
+
+    ddp = getattr(net_call, "_orig_mod", net_call)  # through torch.compile's wrapper
+    if last or not isinstance(ddp, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return ddp.no_sync()
+
+
 def is_sharded(net: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 

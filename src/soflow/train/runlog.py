@@ -74,9 +74,10 @@ class RunLog:
             for k, v in record.items():
                 if k != "step":
                     self.writer.add_scalar(k, v, step)
-        order = ["loss", "velocity_mse", "velocity_weight", "consistency_mse", "consistency_weight", "r",
-                 "grad_norm", "samples_per_s", "peak_memory_gb"]
-        parts = [f"{k} {record[k]:.4g}" for k in order if k in record]
+        first = ["loss", "velocity_mse", "velocity_weight", "consistency_mse", "consistency_weight", "r"]
+        last = ["grad_norm", "samples_per_s", "peak_memory_gb"]
+        middle = [k for k in record if k not in first + last + ["step"]]
+        parts = [f"{k} {record[k]:.4g}" for k in first + middle + last if k in record]
         self.info(f"step {step} | " + " | ".join(parts))
 
     def close(self) -> None:
