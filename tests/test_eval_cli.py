@@ -79,3 +79,18 @@ def test_sampling_over_two_ranks_equals_one_process(tmp_path):
                            "--out", str(tmp_path / "two.npy")], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert np.allclose(np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy"), atol=1e-6)
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="dataset-fashion-mnist not installed")
+def test_shipped_fmnist_classifier_accuracy():
+    import torch
+
+    from soflow.data.images import fashion_mnist, to_float
+    from soflow.eval.fmnist import features_and_predictions, load_classifier
+
+    torch.set_num_threads(2)
+    test = fashion_mnist(split="test")
+    _, pred = features_and_predictions(load_classifier(), to_float(test.images))
+    accuracy = (pred == test.labels).float().mean().item()
+    print(f"Fashion-MNIST classifier test accuracy {accuracy:.4f}")
+    assert accuracy >= 0.92

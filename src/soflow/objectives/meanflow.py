@@ -93,10 +93,10 @@ class MeanFlowLoss:
     on it adds one forward without grad (conditional and unconditional rows batched together).
 
     `net` may be the caller's wrapper of flow.net.  A DistributedDataParallel wrapper is unwrapped
-    (forward-mode AD does not run through DDP), so DDP's forward-time bookkeeping is skipped and
-    gradient synchronization is the training loop's job (e.g. `require_backward_grad_sync` /
-    `no_sync` handling plus an explicit all-reduce); this is not exercised by the tests here.
-    Other wrappers are called as given (a torch.compile'd MLP works under torch.func.jvp on CPU).
+    (forward-mode AD does not run through DDP), so gradients are not synchronized by DDP: the
+    training loop does not wrap MeanFlow runs in DDP and averages gradients itself
+    (`soflow.train.parallel.average_gradients`; tested with two torchrun ranks).  Other wrappers
+    are called as given (a torch.compile'd MLP works under torch.func.jvp on CPU).
     """
 
     p: float = 1.0
