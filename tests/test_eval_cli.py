@@ -75,7 +75,7 @@ def test_sampling_over_two_ranks_equals_one_process(tmp_path):
     soflow("sample", "--checkpoint", run, "--num", "11", "--nfe", "2", "--out", tmp_path / "one.npy", check=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-                           "soflow", "sample", "--checkpoint", str(run), "--num", "11", "--nfe", "2",
+                           "soflow", "sample", "--checkpoint", str(run), "-n", "11", "--nfe", "2",
                            "--out", str(tmp_path / "two.npy")], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert np.allclose(np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy"), atol=1e-6)

@@ -154,5 +154,6 @@ def test_baseline_methods_train_and_sample(tmp_path, method, modes):
         soflow("sample", "--checkpoint", run, "--num", "8", "--nfe", "2", "--mode", mode, "--out", tmp_path / f"{mode}.npy",
                check=True)
         assert np.load(tmp_path / f"{mode}.npy").shape == (8, 2)
-    proc = soflow("sample", "--checkpoint", run, "--num", "8", "--mode", "renoise", "--out", tmp_path / "x.npy")
-    assert_one_line_error(proc, "--mode renoise")
+    if method == "flow_matching":  # a velocity model has no solution to jump with
+        proc = soflow("sample", "--checkpoint", run, "--num", "8", "--mode", "renoise", "--out", tmp_path / "x.npy")
+        assert_one_line_error(proc, "--mode renoise")

@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="draw samples from a trained run")
     s.add_argument("--checkpoint", required=True, help="run folder, ckpt-*.pt file or exports/*.safetensors")
-    s.add_argument("--num", type=int, default=64)
+    s.add_argument("-n", "--num", type=int, default=64,
+                   help="number of samples (under torchrun write -n: torchrun reads --num as its --numa-binding)")
     s.add_argument("--nfe", type=int, default=1)
     s.add_argument("--mode", choices=("renoise", "chain", "euler", "heun"),
                    help="soflow: renoise (default) | chain; meanflow: chain; flow_matching: euler (default) | heun")
