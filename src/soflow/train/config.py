@@ -14,6 +14,9 @@ from pathlib import Path
 
 import yaml
 
+from ..objectives.flow_matching import FlowMatchingLoss
+from ..objectives.meanflow import MeanFlowLoss
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -45,34 +48,6 @@ class ObjectiveConfig:
     schedule: str = "exponent"
     r_init: float = 0.1
     r_end: float = 0.002
-
-
-@dataclass
-class MeanFlowConfig:
-    """MeanFlow baseline (method=meanflow; names follow soflow.objectives.MeanFlowLoss)."""
-
-    p: float = 1.0
-    c: float = 1e-3
-    reduction: str = "sum"
-    time_mean: float = -0.4
-    time_std: float = 1.0
-    ratio_r_neq_t: float = 0.25
-    omega: float = 1.0
-    kappa: float = 0.0
-    t_min: float = 0.0
-    t_max: float = 1.0
-    cfg_drop_rate: float = 0.0
-
-
-@dataclass
-class FlowMatchingConfig:
-    """Flow-matching baseline (method=flow_matching; soflow.objectives.FlowMatchingLoss)."""
-
-    time_mean: float = 0.0
-    time_std: float = 1.0
-    cfg_drop_rate: float = 0.0
-    p: float = 0.0
-    eps: float = 0.01
 
 
 @dataclass
@@ -121,8 +96,9 @@ class Config:
     method: str = "soflow"
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
-    flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+    # The baselines' sections are their loss dataclasses themselves (one set of names and defaults).
+    meanflow: MeanFlowLoss = field(default_factory=MeanFlowLoss)
+    flow_matching: FlowMatchingLoss = field(default_factory=FlowMatchingLoss)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -242,6 +218,12 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"objective.{key}: expected 3 numbers [flow-matching t, consistency s, consistency t], got {v!r}")
     if len(t.betas) != 2 or not all(_type_ok(x, float) for x in t.betas):
         raise ConfigError(f"train.betas: expected two numbers, got {t.betas!r}")
+    for key in ("meanflow", "flow_matching"):  # re-run the loss's own checks on the set values
+        section = getattr(cfg, key)
+        try:
+            type(section)(**dataclasses.asdict(section))
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from None
     if cfg.method == "meanflow" and (cfg.model.path, cfg.model.parameterization) != ("linear", "euler"):
         raise ConfigError("method=meanflow needs model.path=linear and model.parameterization=euler")
     if cfg.method == "meanflow" and t.fsdp:
