@@ -1,8 +1,10 @@
 """SoFlow, MeanFlow and flow matching at equal training steps on 2-D toys (checkerboard, moons).
 
-Each (dataset, method, seed) trains the toy2d preset's network for the same number of steps;
+Each (dataset, variant, seed) trains the toy2d preset's network for the same number of steps;
 energy distance and sliced W2 to fresh data are measured at 1 and 2 NFE (flow matching at 1, 2,
-8 and 100 Euler steps).  Writes JSON and a figure.
+8 and 100 Euler steps).  MeanFlow runs with both of its published recipes (ImageNet: 25 % of rows
+r != t, LN(-0.4, 1.0), p 1; CIFAR-10: 75 % r != t, LN(-2, 2), p 0.75, c 1e-3) and SoFlow is
+compared with the better of the two.  Writes JSON and a figure.
 
     python benchmarks/quality_toy.py --steps 3000 --out benchmarks/results/quality-toy.json
 """
@@ -26,22 +28,31 @@ from soflow.train.config import load
 from soflow.train.load import load_run
 from soflow.train.loop import train
 
-NFES = {"soflow": (1, 2), "meanflow": (1, 2), "flow_matching": (1, 2, 8, 100)}
+# variant -> (method, config overrides, NFEs)
+VARIANTS = {
+    "soflow": ("soflow", [], (1, 2)),
+    "meanflow": ("meanflow", [], (1, 2)),
+    "meanflow_cifar": ("meanflow", ["meanflow.ratio_r_neq_t=0.75", "meanflow.time_mean=-2.0", "meanflow.time_std=2.0",
+                                    "meanflow.p=0.75", "meanflow.c=0.001"], (1, 2)),
+    "flow_matching": ("flow_matching", [], (1, 2, 8, 100)),
+}
 
 
-def run_one(dataset: str, method: str, seed: int, steps: int, num: int, folder: Path, extra: list[str]):
+def run_one(dataset: str, variant: str, seed: int, steps: int, num: int, folder: Path, extra: list[str]):
+    method, overrides, nfes = VARIANTS[variant]
     cfg = load("toy2d", [f"method={method}", f"data.name={dataset}", f"train.total_steps={steps}", f"train.seed={seed}",
                          f"train.log_every={steps}", f"train.checkpoint_every={steps}", "train.sample_nfe=[1]",
-                         *extra])
-    run = folder / f"{dataset}-{method}-{seed}"
+                         *overrides, *extra])
+    run = folder / f"{dataset}-{variant}-{seed}"
     start = time.perf_counter()
-    train(cfg, run)
+    if train(cfg, run)["stopped"]:
+        raise SystemExit(f"{run.name}: training stopped by a signal")
     seconds = time.perf_counter() - start
     _, flow, _ = load_run(run, warn=lambda m: None)
     ref = make_dataset(cfg.data).reference(num, seed=1000 + seed)
     out = {"train_seconds": seconds, "nfe": {}}
     samples = {}
-    for nfe in NFES[method]:
+    for nfe in nfes:
         x = generate(method, flow, num, nfe, seed=seed)
         samples[nfe] = x
         out["nfe"][nfe] = {"energy_distance": energy_distance(x, ref), "sliced_w2": sliced_wasserstein2(x, ref)}
@@ -49,37 +60,35 @@ def run_one(dataset: str, method: str, seed: int, steps: int, num: int, folder: 
 
 
 def figure(path: Path, panels: dict, table: dict):
+    """Top rows: seed-0 samples per dataset, variant and NFE.  Bottom: mean energy distance (log)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     datasets = sorted(panels)
-    cols = [("data", None)] + [(m, n) for m in NFES for n in NFES[m]]
-    fig, axes = plt.subplots(len(datasets) + 1, len(cols), figsize=(1.9 * len(cols), 2.0 * (len(datasets) + 1)),
-                             squeeze=False)
+    cols = [("data", None)] + [(v, n) for v, (_, _, nfes) in VARIANTS.items() for n in nfes]
+    fig = plt.figure(figsize=(1.6 * len(cols), 1.7 * len(datasets) + 2.4))
+    grid = fig.add_gridspec(len(datasets) + 1, len(cols), height_ratios=[1] * len(datasets) + [1.4])
     for r, ds in enumerate(datasets):
-        for c, (m, n) in enumerate(cols):
-            ax = axes[r][c]
-            pts = panels[ds]["data"] if m == "data" else panels[ds][m][n]
+        for c, (v, n) in enumerate(cols):
+            ax = fig.add_subplot(grid[r, c])
+            pts = panels[ds]["data"] if v == "data" else panels[ds][v][n]
             ax.scatter(pts[:, 0], pts[:, 1], s=0.5, alpha=0.5, linewidths=0)
-            ax.set_xlim(-2.8, 2.8)
-            ax.set_ylim(-2.8, 2.8)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xlim=(-2.8, 2.8), ylim=(-2.8, 2.8), xticks=[], yticks=[], aspect="equal")
             if r == 0:
-                ax.set_title("data" if m == "data" else f"{m}\n{n} NFE", fontsize=7)
-        axes[r][0].set_ylabel(ds, fontsize=8)
-    for c, (m, n) in enumerate(cols):  # bottom row: mean energy distance per dataset
-        ax = axes[-1][c]
-        if m == "data":
-            ax.axis("off")
-            continue
-        vals = [table[ds][m]["mean"][str(n)]["energy_distance"] for ds in datasets]
-        ax.bar(range(len(vals)), vals, color=["C0", "C1"][: len(vals)])
-        ax.set_xticks(range(len(vals)), [d[:5] for d in datasets], fontsize=6)
-        ax.tick_params(labelsize=6)
-    axes[-1][1].set_ylabel("energy dist.", fontsize=7)
+                ax.set_title("data" if v == "data" else f"{v}\n{n} NFE", fontsize=7)
+        fig.axes[-len(cols)].set_ylabel(ds, fontsize=8)
+    ax = fig.add_subplot(grid[-1, 1:])
+    labels = [f"{v} {n}" for v, n in cols[1:]]
+    width = 0.8 / len(datasets)
+    for i, ds in enumerate(datasets):
+        vals = [table[ds][v]["mean"][str(n)]["energy_distance"] for v, n in cols[1:]]
+        ax.bar([j + i * width for j in range(len(vals))], vals, width, label=ds)
+    ax.set_yscale("log")
+    ax.set_xticks([j + width * (len(datasets) - 1) / 2 for j in range(len(labels))], labels, fontsize=6, rotation=20)
+    ax.set_ylabel("energy distance\n(mean of seeds)", fontsize=7)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -99,24 +108,25 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for ds in args.datasets:
             results[ds], panels[ds] = {}, {}
-            for method in NFES:
+            for variant, (_, _, nfes) in VARIANTS.items():
                 runs = []
                 for seed in range(args.seeds):
-                    out, samples, ref = run_one(ds, method, seed, args.steps, args.num, Path(tmp), args.set)
+                    out, samples, ref = run_one(ds, variant, seed, args.steps, args.num, Path(tmp), args.set)
                     runs.append(out)
                     if seed == 0:
-                        panels[ds][method], panels[ds]["data"] = samples, ref
-                    print(ds, method, seed, json.dumps(out["nfe"]), flush=True)
+                        panels[ds][variant], panels[ds]["data"] = samples, ref
+                    print(ds, variant, seed, json.dumps(out["nfe"]), flush=True)
                 mean = {str(n): {k: statistics.mean(r["nfe"][n][k] for r in runs) for k in ("energy_distance", "sliced_w2")}
-                        for n in NFES[method]}
-                results[ds][method] = {"runs": runs, "mean": mean,
-                                       "train_seconds_mean": statistics.mean(r["train_seconds"] for r in runs)}
+                        for n in nfes}
+                results[ds][variant] = {"runs": runs, "mean": mean,
+                                        "train_seconds_mean": statistics.mean(r["train_seconds"] for r in runs)}
     summary = {}
     for ds, res in results.items():
-        fm100 = res["flow_matching"]["mean"]["100"]["energy_distance"]
-        summary[ds] = {"soflow_1nfe_over_meanflow_1nfe_energy": res["soflow"]["mean"]["1"]["energy_distance"]
-                       / res["meanflow"]["mean"]["1"]["energy_distance"],
-                       "soflow_1nfe_over_fm_100_energy": res["soflow"]["mean"]["1"]["energy_distance"] / fm100}
+        energy = {v: res[v]["mean"]["1"]["energy_distance"] for v in VARIANTS}
+        best_meanflow = min(("meanflow", "meanflow_cifar"), key=energy.get)
+        summary[ds] = {"best_meanflow": best_meanflow,
+                       "soflow_1nfe_over_meanflow_1nfe_energy": energy["soflow"] / energy[best_meanflow],
+                       "soflow_1nfe_over_fm_100_energy": energy["soflow"] / res["flow_matching"]["mean"]["100"]["energy_distance"]}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     doc = {"config": vars(args), "commit": commit, "results": results, "summary": summary}
     out = Path(args.out)

@@ -108,7 +108,8 @@ def cmd_eval(args) -> int:
     if args.eval_command == "points":
         result = eval_points(args.checkpoint, args.nfe, args.num, args.seed, warn=warn)
     else:
-        result = eval_fmnist(args.checkpoint, args.nfe, args.per_class, args.seed, args.data_path, warn=warn)
+        result = eval_fmnist(args.checkpoint, args.nfe, args.per_class, args.seed, args.data_path, warn=warn,
+                             guidance=args.guidance)
     print(json.dumps(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
@@ -212,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             q.add_argument("--per-class", type=int, default=100)
             q.add_argument("--data-path", help="Fashion-MNIST folder (default: the run's data.path or the Debian one)")
+            q.add_argument("--guidance", type=float, default=1.0, help="sampling-time guidance scale (1: none)")
     v.set_defaults(func=cmd_eval)
 
     c = sub.add_parser("convert-reference", help="turn a reference checkpoint + YAML into a soflow run folder")

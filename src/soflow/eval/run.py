@@ -24,9 +24,11 @@ def eval_points(checkpoint, nfe: int, num: int = 2000, seed: int = 0, warn=print
             "sliced_w2": sliced_wasserstein2(x, ref)}
 
 
-def eval_fmnist(checkpoint, nfe: int, per_class: int = 100, seed: int = 0, data_path=None, warn=print) -> dict:
+def eval_fmnist(checkpoint, nfe: int, per_class: int = 100, seed: int = 0, data_path=None, warn=print,
+                guidance: float = 1.0) -> dict:
     """Frechet distance in the classifier's penultimate features (samples vs the real test split)
-    and the classifier's accuracy on class-conditional samples."""
+    and the classifier's accuracy on class-conditional samples.  guidance != 1 samples with
+    classifier-free guidance (two network forwards per evaluation)."""
     from ..data.images import fashion_mnist, to_float
     from .fmnist import features_and_predictions, load_classifier
 
@@ -34,13 +36,13 @@ def eval_fmnist(checkpoint, nfe: int, per_class: int = 100, seed: int = 0, data_
     if cfg.data.name != "fmnist" or not flow.num_classes:
         raise EvalError(f"{checkpoint}: `eval fmnist` needs a class-conditional Fashion-MNIST run")
     labels = torch.arange(10).repeat_interleave(per_class)
-    x = generate(cfg.method, flow, len(labels), nfe, seed=seed, labels=labels)
+    x = generate(cfg.method, flow, len(labels), nfe, seed=seed, labels=labels, guidance=guidance)
     net = load_classifier()
     feats, preds = features_and_predictions(net, x)
     test = fashion_mnist(data_path or cfg.data.path, "test")
     ref_feats, _ = features_and_predictions(net, to_float(test.images))
     fd = frechet_distance(*statistics(feats), *statistics(ref_feats))
-    return {"method": cfg.method, "nfe": nfe, "step": step, "num": len(labels), "classifier_fd": fd,
+    return {"method": cfg.method, "nfe": nfe, "guidance": guidance, "step": step, "num": len(labels), "classifier_fd": fd,
             "class_accuracy": (preds == labels).float().mean().item()}
 
 
