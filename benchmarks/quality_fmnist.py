@@ -21,9 +21,7 @@ from pathlib import Path
 import torch
 
 from soflow.data.images import fashion_mnist, to_float
-from soflow.eval.fid import frechet_distance, statistics
-from soflow.eval.fmnist import features_and_predictions, load_classifier
-from soflow.eval.run import eval_fmnist
+from soflow.eval.run import eval_fmnist, fmnist_scores
 from soflow.plots import image_grid
 from soflow.sampling import generate
 from soflow.train.config import load
@@ -45,14 +43,10 @@ METHODS = {
 
 
 def real_data_row(per_class: int = 100) -> dict:
-    """Classifier FD and accuracy of real training images (the first per_class of each class)."""
-    train_set, test = fashion_mnist(split="train"), fashion_mnist(split="test")
+    """The scores of real training images (the first per_class of each class)."""
+    train_set = fashion_mnist(split="train")
     index = torch.cat([torch.nonzero(train_set.labels == c)[:per_class, 0] for c in range(10)])
-    net = load_classifier()
-    feats, preds = features_and_predictions(net, to_float(train_set.images[index]))
-    ref, _ = features_and_predictions(net, to_float(test.images))
-    return {"num": len(index), "classifier_fd": frechet_distance(*statistics(feats), *statistics(ref)),
-            "class_accuracy": (preds == train_set.labels[index]).float().mean().item()}
+    return fmnist_scores(to_float(train_set.images[index]), train_set.labels[index])
 
 
 def main():

@@ -26,23 +26,27 @@ def eval_points(checkpoint, nfe: int, num: int = 2000, seed: int = 0, warn=print
 
 def eval_fmnist(checkpoint, nfe: int, per_class: int = 100, seed: int = 0, data_path=None, warn=print,
                 guidance: float = 1.0) -> dict:
-    """Frechet distance in the classifier's penultimate features (samples vs the real test split)
-    and the classifier's accuracy on class-conditional samples.  guidance != 1 samples with
+    """`fmnist_scores` of per_class samples of each class.  guidance != 1 samples with
     classifier-free guidance (two network forwards per evaluation)."""
-    from ..data.images import fashion_mnist, to_float
-    from .fmnist import features_and_predictions, load_classifier
-
     cfg, flow, step = load_run(checkpoint, warn=warn)
     if cfg.data.name != "fmnist" or not flow.num_classes:
         raise EvalError(f"{checkpoint}: `eval fmnist` needs a class-conditional Fashion-MNIST run")
     labels = torch.arange(10).repeat_interleave(per_class)
     x = generate(cfg.method, flow, len(labels), nfe, seed=seed, labels=labels, guidance=guidance)
+    return {"method": cfg.method, "nfe": nfe, "guidance": guidance, "step": step,
+            **fmnist_scores(x, labels, data_path or cfg.data.path)}
+
+
+def fmnist_scores(images: torch.Tensor, labels: torch.Tensor, data_path=None) -> dict:
+    """Frechet distance in the shipped classifier's penultimate features between images in [-1, 1]
+    [N, 1, 28, 28] and the real test split, and the classifier's accuracy on their labels."""
+    from ..data.images import fashion_mnist, to_float
+    from .fmnist import features_and_predictions, load_classifier
+
     net = load_classifier()
-    feats, preds = features_and_predictions(net, x)
-    test = fashion_mnist(data_path or cfg.data.path, "test")
-    ref_feats, _ = features_and_predictions(net, to_float(test.images))
-    fd = frechet_distance(*statistics(feats), *statistics(ref_feats))
-    return {"method": cfg.method, "nfe": nfe, "guidance": guidance, "step": step, "num": len(labels), "classifier_fd": fd,
+    feats, preds = features_and_predictions(net, images)
+    ref_feats, _ = features_and_predictions(net, to_float(fashion_mnist(data_path, "test").images))
+    return {"num": len(labels), "classifier_fd": frechet_distance(*statistics(feats), *statistics(ref_feats)),
             "class_accuracy": (preds == labels).float().mean().item()}
 
 
