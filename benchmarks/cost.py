@@ -15,9 +15,7 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import time
-from pathlib import Path
 
 import torch
 
@@ -25,6 +23,8 @@ from soflow.nets import build
 from soflow.objectives import FlowMatchingLoss, MeanFlowLoss, SoFlowLoss
 from soflow.sampling import sample
 from soflow.solution import SolutionFlow
+
+from record import git_commit, write_json  # benchmarks/record.py
 
 # No training-time guidance for any method, so the comparison is of the objectives themselves.
 # SoFlow with velocity_loss_ratio=0 is its most expensive split (floor: one extra no-grad forward
@@ -179,16 +179,10 @@ def main():
     result["machine"] = {"platform": platform.platform(), "torch": torch.__version__, "device": str(device),
                          "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                          "threads": torch.get_num_threads()}
-    try:
-        result["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                          cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        result["commit"] = None
-    text = json.dumps(result, indent=1)
-    print(text)
+    result["commit"] = git_commit()
+    print(json.dumps(result, indent=1))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from soflow.data.stream import batches
 from soflow.train.build import build_flow, build_objective
 from soflow.train.config import load
 
+from record import git_commit, write_json  # benchmarks/record.py
+
 
 def loader_rate(data, per_rank: int, n_batches: int, **kw) -> float:
     stream = batches(data, seed=0, rank=0, world=1, per_rank=per_rank, start=0, **kw)
@@ -82,12 +84,10 @@ def main():
                                     "train_samples_per_s": step_rate(cfg, data, args.steps), "batch": 32}
     for r in result.values():
         r["loader_over_train"] = r["loader_samples_per_s"] / r["train_samples_per_s"]
-    result["threads"] = torch.get_num_threads()
-    text = json.dumps(result, indent=1)
-    print(text)
+    result["threads"], result["commit"] = torch.get_num_threads(), git_commit()
+    print(json.dumps(result, indent=1))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -27,6 +26,8 @@ from soflow.sampling import generate
 from soflow.train.config import load
 from soflow.train.load import load_run
 from soflow.train.loop import train
+
+from record import git_commit, write_json  # benchmarks/record.py
 
 # method -> (config overrides, NFEs, sampling-time guidance).
 # The same effective guidance for every method, 2: the fmnist preset's SoFlow setting (w = 2,
@@ -57,7 +58,6 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/quality-fmnist.json")
     args = ap.parse_args()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     results = {"real_data": real_data_row()}
     print("real data", json.dumps(results["real_data"]), flush=True)
     for method in args.methods:
@@ -76,9 +76,8 @@ def main():
             image_grid(out.with_name(f"{out.stem}-{method}-nfe{nfe}.png"),
                        generate(method, flow, 100, nfe, seed=0, labels=labels, guidance=guidance), rows=10)
         print(method, json.dumps(results[method]), flush=True)
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         # written after every method, so a long benchmark that is stopped keeps what it measured
-        out.write_text(json.dumps({"config": vars(args), "commit": commit, "results": results}, indent=1) + "\n")
+        write_json(out, {"config": vars(args), "commit": git_commit(), "results": results})
     print(f"wrote {out}")
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,8 @@ from soflow.sampling import generate
 from soflow.train.config import load
 from soflow.train.load import load_run
 from soflow.train.loop import train
+
+from record import git_commit, write_json  # benchmarks/record.py
 
 # variant -> (method, config overrides, NFEs)
 VARIANTS = {
@@ -132,11 +133,8 @@ def main():
         if "soflow" in res and "flow_matching" in res:
             summary[ds]["soflow_1nfe_over_fm_100_energy"] = (energy["soflow"]
                                                              / res["flow_matching"]["mean"]["100"]["energy_distance"])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    doc = {"config": vars(args), "commit": commit, "results": results, "summary": summary}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
+    write_json(out, {"config": vars(args), "commit": git_commit(), "results": results, "summary": summary})
     figure(out.with_suffix(".png"), panels, results)
     print(json.dumps(summary, indent=1))
     print(f"wrote {out} and {out.with_suffix('.png')}")
