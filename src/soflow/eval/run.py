@@ -3,6 +3,8 @@ and FID statistics of image sources."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..data import make_dataset
@@ -40,14 +42,21 @@ def eval_fmnist(checkpoint, nfe: int, per_class: int = 100, seed: int = 0, data_
 def fmnist_scores(images: torch.Tensor, labels: torch.Tensor, data_path=None) -> dict:
     """Frechet distance in the shipped classifier's penultimate features between images in [-1, 1]
     [N, 1, 28, 28] and the real test split, and the classifier's accuracy on their labels."""
+    from .fmnist import features_and_predictions, load_classifier
+
+    feats, preds = features_and_predictions(load_classifier(), images)
+    return {"num": len(labels), "classifier_fd": frechet_distance(*statistics(feats), *_fmnist_test_statistics(data_path)),
+            "class_accuracy": (preds == labels).float().mean().item()}
+
+
+@functools.lru_cache(maxsize=2)
+def _fmnist_test_statistics(data_path=None):
+    """Classifier-feature statistics of the real test split, computed once per folder and process."""
     from ..data.images import fashion_mnist, to_float
     from .fmnist import features_and_predictions, load_classifier
 
-    net = load_classifier()
-    feats, preds = features_and_predictions(net, images)
-    ref_feats, _ = features_and_predictions(net, to_float(fashion_mnist(data_path, "test").images))
-    return {"num": len(labels), "classifier_fd": frechet_distance(*statistics(feats), *statistics(ref_feats)),
-            "class_accuracy": (preds == labels).float().mean().item()}
+    ref_feats, _ = features_and_predictions(load_classifier(), to_float(fashion_mnist(data_path, "test").images))
+    return statistics(ref_feats)
 
 
 def source_images(src: str, data_path: str | None = None) -> torch.Tensor:
