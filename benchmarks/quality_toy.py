@@ -1,21 +1,26 @@
 """SoFlow, MeanFlow and flow matching at equal training steps on 2-D toys (checkerboard, moons).
 
 Each (dataset, variant, seed) trains the toy2d preset's network for the same number of steps;
-energy distance and sliced W2 to fresh data are measured at 1 and 2 NFE (flow matching at 1, 2,
-8 and 100 Euler steps).  MeanFlow runs with both of its published recipes (ImageNet: 25 % of rows
+energy distance and sliced W2 to fresh data are measured at 1 and 2 NFE (SoFlow at 2 NFE with both
+of its samplers, re-noising and chained; flow matching at 1, 2, 8 and 100 Euler steps).  MeanFlow runs with both of its published recipes (ImageNet: 25 % of rows
 r != t, LN(-0.4, 1.0), p 1; CIFAR-10: 75 % r != t, LN(-2, 2), p 0.75, c 1e-3) and SoFlow is
 compared with the better of the two.  Writes JSON and a figure.
 
-    python benchmarks/quality_toy.py --steps 2000 --out benchmarks/results/quality-toy.json
+    python benchmarks/quality_toy.py --steps 2000 --jobs 2 --out benchmarks/results/quality-toy.json
+
+`--jobs N` trains N runs at once, one CPU thread each (the toy MLP is too small to use more).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -29,18 +34,18 @@ from soflow.train.loop import train
 
 from record import git_commit, write_json  # benchmarks/record.py
 
-# variant -> (method, config overrides, NFEs)
+# variant -> (method, config overrides, samplers); a sampler is "NFE" (the method's own rule) or "NFE-mode"
 VARIANTS = {
-    "soflow": ("soflow", [], (1, 2)),
-    "meanflow": ("meanflow", [], (1, 2)),
+    "soflow": ("soflow", [], ("1", "2", "2-chain")),
+    "meanflow": ("meanflow", [], ("1", "2")),
     "meanflow_cifar": ("meanflow", ["meanflow.ratio_r_neq_t=0.75", "meanflow.time_mean=-2.0", "meanflow.time_std=2.0",
-                                    "meanflow.p=0.75", "meanflow.c=0.001"], (1, 2)),
-    "flow_matching": ("flow_matching", [], (1, 2, 8, 100)),
+                                    "meanflow.p=0.75", "meanflow.c=0.001"], ("1", "2")),
+    "flow_matching": ("flow_matching", [], ("1", "2", "8", "100")),
 }
 
 
 def run_one(dataset: str, variant: str, seed: int, steps: int, num: int, folder: Path, extra: list[str]):
-    method, overrides, nfes = VARIANTS[variant]
+    method, overrides, samplers = VARIANTS[variant]
     cfg = load("toy2d", [f"method={method}", f"data.name={dataset}", f"train.total_steps={steps}", f"train.seed={seed}",
                          f"train.log_every={steps}", f"train.checkpoint_every={steps}", "train.sample_nfe=[1]",
                          *overrides, *extra])
@@ -53,10 +58,11 @@ def run_one(dataset: str, variant: str, seed: int, steps: int, num: int, folder:
     ref = make_dataset(cfg.data).reference(num, seed=1000 + seed)
     out = {"train_seconds": seconds, "nfe": {}}
     samples = {}
-    for nfe in nfes:
-        x = generate(method, flow, num, nfe, seed=seed)
-        samples[nfe] = x
-        out["nfe"][nfe] = {"energy_distance": energy_distance(x, ref), "sliced_w2": sliced_wasserstein2(x, ref)}
+    for key in samplers:
+        nfe, _, mode = key.partition("-")
+        x = generate(method, flow, num, int(nfe), mode=mode or None, seed=seed)
+        samples[key] = x
+        out["nfe"][key] = {"energy_distance": energy_distance(x, ref), "sliced_w2": sliced_wasserstein2(x, ref)}
     return out, samples, ref
 
 
@@ -78,13 +84,13 @@ def figure(path: Path, panels: dict, table: dict):
             ax.scatter(pts[:, 0], pts[:, 1], s=0.5, alpha=0.5, linewidths=0)
             ax.set(xlim=(-2.8, 2.8), ylim=(-2.8, 2.8), xticks=[], yticks=[], aspect="equal")
             if r == 0:
-                ax.set_title("data" if v == "data" else f"{v}\n{n} NFE", fontsize=7)
+                ax.set_title("data" if v == "data" else f"{v}\nNFE {n}", fontsize=7)
         fig.axes[-len(cols)].set_ylabel(ds, fontsize=8)
     ax = fig.add_subplot(grid[-1, 1:])
     labels = [f"{v} {n}" for v, n in cols[1:]]
     width = 0.8 / len(datasets)
     for i, ds in enumerate(datasets):
-        vals = [table[ds][v]["mean"][str(n)]["energy_distance"] for v, n in cols[1:]]
+        vals = [table[ds][v]["mean"][n]["energy_distance"] for v, n in cols[1:]]
         ax.bar([j + i * width for j in range(len(vals))], vals, width, label=ds)
     ax.set_yscale("log")
     ax.set_xticks([j + width * (len(datasets) - 1) / 2 for j in range(len(labels))], labels, fontsize=6, rotation=20)
@@ -103,25 +109,29 @@ def main():
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--num", type=int, default=2000)
     ap.add_argument("--set", action="append", default=[], help="extra config override for every run")
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained at once, one thread each")
     ap.add_argument("--out", default="benchmarks/results/quality-toy.json")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    results, panels = {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for ds in args.datasets:
-            results[ds], panels[ds] = {}, {}
-            for variant in args.variants:
-                nfes, runs = VARIANTS[variant][2], []
-                for seed in range(args.seeds):
-                    out, samples, ref = run_one(ds, variant, seed, args.steps, args.num, Path(tmp), args.set)
-                    runs.append(out)
-                    if seed == 0:
-                        panels[ds][variant], panels[ds]["data"] = samples, ref
-                    print(ds, variant, seed, json.dumps(out["nfe"]), flush=True)
-                mean = {str(n): {k: statistics.mean(r["nfe"][n][k] for r in runs) for k in ("energy_distance", "sliced_w2")}
-                        for n in nfes}
-                results[ds][variant] = {"runs": runs, "mean": mean,
-                                        "train_seconds_mean": statistics.mean(r["train_seconds"] for r in runs)}
+    tasks = [(ds, variant, seed) for ds in args.datasets for variant in args.variants for seed in range(args.seeds)]
+    results, panels = {ds: {} for ds in args.datasets}, {ds: {} for ds in args.datasets}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        if args.jobs > 1:
+            pool = stack.enter_context(ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                           initializer=torch.set_num_threads, initargs=(1,)))
+            futures = [pool.submit(run_one, *task, args.steps, args.num, Path(tmp), args.set) for task in tasks]
+            outcomes = (f.result() for f in futures)
+        else:
+            outcomes = (run_one(*task, args.steps, args.num, Path(tmp), args.set) for task in tasks)
+        runs = {}
+        for (ds, variant, seed), (out, samples, ref) in zip(tasks, outcomes):
+            runs.setdefault((ds, variant), []).append(out)
+            if seed == 0:
+                panels[ds][variant], panels[ds]["data"] = samples, ref
+            print(ds, variant, seed, json.dumps(out["nfe"]), flush=True)
+    for (ds, variant), rs in runs.items():
+        mean = {key: {k: statistics.mean(r["nfe"][key][k] for r in rs) for k in ("energy_distance", "sliced_w2")}
+                for key in VARIANTS[variant][2]}
+        results[ds][variant] = {"runs": rs, "mean": mean, "train_seconds_mean": statistics.mean(r["train_seconds"] for r in rs)}
     summary = {}
     for ds, res in results.items():
         energy = {v: res[v]["mean"]["1"]["energy_distance"] for v in res}
