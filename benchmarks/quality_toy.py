@@ -2,9 +2,9 @@
 
 Each (dataset, variant, seed) trains the toy2d preset's network for the same number of steps;
 energy distance and sliced W2 to fresh data are measured at 1 and 2 NFE (SoFlow at 2 NFE with both
-of its samplers, re-noising and chained; flow matching at 1, 2, 8 and 100 Euler steps).  MeanFlow runs with both of its published recipes (ImageNet: 25 % of rows
-r != t, LN(-0.4, 1.0), p 1; CIFAR-10: 75 % r != t, LN(-2, 2), p 0.75, c 1e-3) and SoFlow is
-compared with the better of the two.  Writes JSON and a figure.
+of its samplers, re-noising and chained; flow matching at 1, 2, 8 and 100 Euler steps).  MeanFlow
+runs with both of its published recipes (ImageNet: 25 % of rows r != t, LN(-0.4, 1.0), p 1;
+CIFAR-10: 75 % r != t, LN(-2, 2), p 0.75, c 1e-3) and SoFlow is compared with the better of the two.  Writes JSON and a figure.
 
     python benchmarks/quality_toy.py --steps 2000 --jobs 2 --out benchmarks/results/quality-toy.json
 
