@@ -9,16 +9,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def reference_dir() -> Path:
-    """Golden values from the reference implementation: $SOFLOW_REFERENCE_FIXTURES, or
-    ../shared/fixtures/reference beside the repository."""
+    """Golden values from the reference implementation: $SOFLOW_REFERENCE_FIXTURES, or the copy
+    vendored in tests/fixtures/reference (see its README)."""
     env = os.environ.get("SOFLOW_REFERENCE_FIXTURES")
-    return Path(env) if env else (REPO.parent / "shared" / "fixtures" / "reference")
+    return Path(env) if env else (REPO / "tests" / "fixtures" / "reference")
 
 
 def reference_cases() -> dict:
+    """The fixture set's cases.json.  A missing set fails at collection: the reference tests are
+    the proof of fidelity and must never be skipped."""
     path = reference_dir() / "cases.json"
     if not path.is_file():
-        return {"cases": [], "missing": str(path)}
+        raise FileNotFoundError(f"no reference fixtures at {path}; restore tests/fixtures/reference "
+                                "or set SOFLOW_REFERENCE_FIXTURES")
     return json.loads(path.read_text())
 
 

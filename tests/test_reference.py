@@ -21,7 +21,7 @@ SCHEDULES = ("Const", "Linear", "Cosine", "Exponent")
 
 
 def test_reference_fixture_set_present():
-    assert CASES["cases"], f"no reference fixtures at {CASES.get('missing')}; set SOFLOW_REFERENCE_FIXTURES"
+    assert len(CASES["cases"]) == 5, f"expected the 5 reference cases in {reference_dir()}"
 
 
 def close(name, got, want):
