@@ -128,7 +128,7 @@ def test_image_folder_end_to_end_and_empty_folder(tmp_path):
     soflow("train", "--config", "toy2d", "--run-dir", run, "--set", "data.name=imagefolder", "--set", f"data.path={root}",
            "--set", "data.resolution=16", "--set", "data.num_workers=2", "--set", "model.net=dit-tiny",
            "--set", "model.net_args={}", "--set", "train.batch_size=4", "--set", "train.total_steps=3",
-           "--set", "objective.cfg_drop_rate=0.1", *FAST, check=True)
+           "--set", "objective.cfg_drop_rate=0.1", "--set", "objective.cfg_scale=2", *FAST, check=True)
     soflow("sample", "--checkpoint", run, "--num", "3", "--class", "1", "--out", tmp_path / "g.png", check=True)
     assert Image.open(tmp_path / "g.png").size[0] % 16 == 0
     (tmp_path / "empty" / "a").mkdir(parents=True)

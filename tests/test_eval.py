@@ -375,3 +375,150 @@ def test_unusable_weights_file_is_one_line(tmp_path):
     with pytest.raises(EvalError) as e:
         InceptionFeatures(bad, device="cpu")
     assert str(bad) in one_line(e)
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision and recall
+
+
+def brute_precision_recall(real, fake, ks):
+    """Kynkäänniemi et al.'s definition, literally: explicit loops in float64, for each k in ks."""
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+
+    def dists(x, y):
+        return [[float(np.sqrt(np.sum((a - b) ** 2))) for b in y] for a in x]
+
+    d_rr, d_ff, d_fr = dists(real, real), dists(fake, fake), dists(fake, real)
+    d_rf = [list(col) for col in zip(*d_fr)]
+    out = {}
+    for k in ks:
+        r_real = [sorted(row[:i] + row[i + 1:])[k - 1] for i, row in enumerate(d_rr)]  # k-th neighbour, not itself
+        r_fake = [sorted(row[:i] + row[i + 1:])[k - 1] for i, row in enumerate(d_ff)]
+        precision = sum(any(d <= r for d, r in zip(row, r_real)) for row in d_fr) / len(fake)
+        recall = sum(any(d <= r for d, r in zip(row, r_fake)) for row in d_rf) / len(real)
+        out[k] = (precision, recall)
+    return out
+
+
+def test_precision_recall_matches_brute_force():
+    from soflow.eval.fid import precision_recall
+
+    rng = np.random.default_rng(12)
+    real = rng.standard_normal((60, 8))
+    fake = np.concatenate([rng.standard_normal((30, 8)) * 0.6 + 0.4, rng.standard_normal((15, 8)) * 2.0 + 1.5])
+    brute = brute_precision_recall(real, fake, (1, 3, 5))
+    for k, expected in brute.items():
+        assert 0 < expected[0] < 1 and 0 < expected[1] < 1  # neither side is trivial
+        for batch_size in (7, 10000):  # blocks of rows give the same answer as one block
+            got = precision_recall(torch.from_numpy(real), torch.from_numpy(fake), k=k, batch_size=batch_size)
+            assert got == expected, (k, batch_size)
+
+
+def test_precision_recall_closed_cases():
+    from soflow.eval.fid import precision_recall
+
+    rng = np.random.default_rng(13)
+    real = rng.standard_normal((40, 16)).astype(np.float32)
+    assert precision_recall(real, real.copy()) == (1.0, 1.0)
+    assert precision_recall(real, real + 1000.0) == (0.0, 0.0)
+    # The real points plus a far cluster: every real point is covered (recall 1), and exactly the
+    # copies of real points among the samples are inside the real manifold.
+    far = rng.standard_normal((10, 16)).astype(np.float32) + 1000.0
+    assert precision_recall(real, np.concatenate([real, far])) == (40 / 50, 1.0)
+    with pytest.raises(ValueError, match="k = 3"):
+        precision_recall(real[:3], real)
+    with pytest.raises(ValueError, match="dimensions"):
+        precision_recall(real, real[:, :8])
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights files and sFID's spatial features
+
+
+def test_spatial_features_and_weights_formats(tmp_path, random_inception_weights):
+    """The safetensors form of the weights, and torch-fidelity's own layout (no batch-norm step
+    counters), give the same network; 'spatial' is ADM's mixed_6/conv[..., :7], computed here by
+    running the network's blocks by hand."""
+    pytest.importorskip("torch_fidelity")
+    from safetensors.torch import save_file
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    state = torch.load(random_inception_weights, weights_only=True)
+    save_file(state, str(tmp_path / "w.safetensors"))
+    torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, tmp_path / "release.pth")
+    x = smooth_images(np.random.default_rng(14), 2, 0, 255, size=24)
+    ext = InceptionFeatures(tmp_path / "w.safetensors", device="cpu", features=("64", "spatial"))
+    out = ext.extract(x)
+    torch.testing.assert_close(out["64"], InceptionFeatures(tmp_path / "release.pth", device="cpu", features=("64",))(x))
+    torch.testing.assert_close(out["64"], InceptionFeatures(random_inception_weights, device="cpu", features=("64",))(x))
+
+    net = ext.net
+    with torch.no_grad():
+        h = interpolate_bilinear_2d_like_tensorflow1x(x.float(), size=(299, 299), align_corners=False)
+        h = (h - 128) / 128
+        for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+                     "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c"):
+            h = getattr(net, name)(h)
+        conv = net.Mixed_6d.branch1x1(h)  # TensorFlow's mixed_6/conv, after its ReLU
+    assert conv.shape == (2, 192, 17, 17) and out["spatial"].shape == (2, 2023)
+    torch.testing.assert_close(out["spatial"], conv[:, :7].permute(0, 2, 3, 1).reshape(2, 2023))
+    assert out["spatial"][1, (5 * 17 + 3) * 7 + 6] == conv[1, 6, 5, 3]  # NHWC: (h, w, c), as ADM flattens
+
+    bad = dict(state, **{"fc.weight": torch.zeros(3, 3)})
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(EvalError) as e:
+        InceptionFeatures(tmp_path / "bad.pth", device="cpu")
+    assert "fc.weight" in one_line(e) and "bad.pth" in one_line(e)
+
+
+def test_fid_cli_precision_recall_and_sfid(tmp_path, random_inception_weights):
+    pytest.importorskip("torch_fidelity")
+    import json
+
+    from helpers import soflow
+    from soflow.eval.fid import precision_recall
+    from soflow.eval.run import fid_against_reference
+
+    rng = np.random.default_rng(15)
+    a, b = smooth_images(rng, 10, 0, 220, size=24), smooth_images(rng, 12, 20, 255, size=24)
+    for name, imgs in (("a", a), ("b", b)):
+        np.savez(tmp_path / f"{name}.npz", arr_0=imgs.permute(0, 2, 3, 1).numpy())
+    w = ["--inception-weights", random_inception_weights, "--dims", "64", "--device", "cpu"]
+    ref = tmp_path / "ref.npz"
+    soflow("fid", "ref", "--images", tmp_path / "b.npz", "--out", ref, "--prc", "--sfid", *w, check=True)
+    z = np.load(ref)
+    assert sorted(z.files) == ["features", "mu", "mu_s", "sigma", "sigma_s"]
+    assert z["features"].shape == (12, 64) and z["features"].dtype == np.float32
+    assert z["mu_s"].shape == (2023,) and z["sigma_s"].shape == (2023, 2023) and np.trace(z["sigma_s"]) > 0
+    np.testing.assert_allclose(z["mu"], z["features"].astype(np.float64).mean(0), rtol=1e-6, atol=1e-9)
+
+    out = tmp_path / "r.json"
+    proc = soflow("fid", "calc", "--images", tmp_path / "a.npz", "--ref", ref, "--prc", "--sfid", "--json", out, *w,
+                  check=True)
+    result = json.loads(proc.stdout)
+    assert json.loads(out.read_text()) == result
+    assert sorted(result) == ["fid", "num_images", "precision", "recall", "sfid"]
+    assert result["sfid"] > 0 and result["fid"] > 0
+    ext = InceptionFeatures(random_inception_weights, device="cpu", features=("64",))
+    fa, fb = ext(a), ext(b)
+    precision, recall = precision_recall(fb, fa)
+    assert 0 < precision < 1 and 0 < recall < 1  # overlapping sets: neither value is trivial
+    # Another process may round the convolutions differently: at most one sample may flip.
+    assert abs(result["precision"] - precision) <= 1 / 10 and abs(result["recall"] - recall) <= 1 / 12
+
+    # ADM's reference batches hold mu, sigma, mu_s, sigma_s and the reference images in arr_0, no
+    # features: precision and recall then come from the features of those images.
+    adm = tmp_path / "adm.npz"
+    np.savez(adm, arr_0=b.permute(0, 2, 3, 1).numpy(), mu=z["mu"], sigma=z["sigma"])
+    got = fid_against_reference(str(tmp_path / "a.npz"), adm, random_inception_weights, "cpu", dims="64", prc=True)
+    assert (got["precision"], got["recall"]) == (precision, recall)
+
+    # References that lack what is asked for fail, in one line, before any image is read.
+    plain = tmp_path / "plain.npz"
+    np.savez(plain, mu=z["mu"], sigma=z["sigma"])
+    for flags, needle in ((dict(prc=True), "fid ref --prc"), (dict(sfid=True), "fid ref --sfid"),
+                          (dict(dims="2048"), "--dims")):
+        with pytest.raises(EvalError) as e:
+            fid_against_reference(str(tmp_path / "a.npz"), plain, tmp_path / "no-weights.pth", "cpu",
+                                  **{"dims": "64", **flags})
+        assert str(plain) in one_line(e) and needle in one_line(e)

@@ -43,37 +43,71 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    """Samples over all torchrun ranks: rank r draws a contiguous range of sample indices (per-sample
-    seeds make the result independent of the number of ranks); rank 0 writes the output."""
+    """Samples over all torchrun ranks: rank r draws a contiguous range of whole batches (per-sample
+    seeds make the result independent of the number of ranks) and streams them, batch by batch, into
+    its part of the output; rank 0 then assembles the parts.  A rank holds one batch of float samples
+    at a time, whatever --num."""
+    import signal
+    import threading
+    import uuid
+
     import torch
 
-    from .sampling import generate
+    from .sampling import generate_chunks
     from .train import distributed
     from .train.load import load_run
-    from .writers import write_samples
+    from .writers import SampleOutput
 
+    def stop(signum, frame):  # torchrun ends the other ranks with SIGTERM: unwind so temporary files go
+        raise SystemExit(128 + signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
     env = distributed.setup(args.device or "auto")
+    output = None
     try:
         cfg, flow, step = load_run(args.checkpoint, args.weights, device=env.device,
                                    warn=lambda m: print(m, file=sys.stderr) if env.is_main else None)
+        if env.device.type == "cuda":  # as in training and the reference's sampling (train.tf32, default on)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.train.tf32)
         if args.class_id is not None and not flow.num_classes:
             raise ValueError("--class given but the model is unconditional")
         if args.mode and (args.mode in ("euler", "heun")) != (cfg.method == "flow_matching"):
             raise ValueError(f"--mode {args.mode}: method {cfg.method} samples with "
                              + ("euler | heun" if cfg.method == "flow_matching" else "renoise | chain"))
-        share = -(-args.num // env.world)
-        first, last = min(args.num, env.rank * share), min(args.num, (env.rank + 1) * share)
-        x = generate(cfg.method, flow, last - first, args.nfe, mode=args.mode, seed=args.seed, labels=args.class_id,
-                     guidance=args.guidance, batch_size=args.batch_size, first_index=first)
-        if cfg.data.name == "imagenet-latents" and not str(args.out).endswith(".npy"):
-            from .data.latents import decode, load_vae
+        token = distributed.all_gather_objects(env, uuid.uuid4().hex[:12])[0]  # rank 0's names the temporaries
+        output = SampleOutput(args.out, flow.net.sample_shape, args.num, env.world, args.batch_size, token)
+        output.check_destination()
+        decode = lambda x: x  # noqa: E731
+        if cfg.data.name == "imagenet-latents" and output.kind != "npy":  # .npy keeps the raw latents
+            from .data.latents import decode as vae_decode, load_vae
 
-            x = decode(load_vae(args.vae or cfg.data.vae, env.device), x)
-        parts = distributed.all_gather_objects(env, x.cpu())
+            vae = load_vae(args.vae or cfg.data.vae, env.device)
+            decode = lambda x: vae_decode(vae, x)  # noqa: E731
+        failure = None
+        try:
+            first, last = output.range(env.rank)
+            with output.writer(env.rank) as part:
+                for x in generate_chunks(cfg.method, flow, first, last, args.nfe, mode=args.mode, seed=args.seed,
+                                         labels=args.class_id, guidance=args.guidance, batch_size=args.batch_size):
+                    part.write(decode(x))
+        except Exception as e:  # every rank must reach the gather below, or the others would wait forever
+            failure = e
+        report = None if failure is None else f"{type(failure).__name__}: {failure}"
+        reports = distributed.all_gather_objects(env, report)
+        if failure is not None:
+            raise failure
+        failed = [(r, m) for r, m in enumerate(reports) if m]
+        if failed:
+            raise ValueError(f"rank {failed[0][0]} failed ({failed[0][1]}); nothing was written to {args.out}")
         if env.is_main:
-            out = write_samples(args.out, torch.cat(parts))
+            out = output.assemble()
             print(f"{args.num} samples ({args.nfe} steps, {cfg.method}, step {step}) written to {out}")
     finally:
+        if output is not None and env.is_main:
+            output.discard()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         distributed.teardown(env)
     return 0
 
@@ -81,18 +115,15 @@ def cmd_sample(args) -> int:
 def cmd_fid(args) -> int:
     import json
 
-    from .eval.fid import frechet_distance, load_stats, save_stats
-    from .eval.run import image_stats
+    from .eval.run import fid_against_reference, fid_reference
 
-    mu, sigma, score, n = image_stats(args.images, args.inception_weights, args.device, args.batch_size,
-                                      args.data_path, with_is=getattr(args, "inception_score", False), dims=args.dims)
+    opts = dict(weights=args.inception_weights, device=args.device, batch_size=args.batch_size,
+                data_path=args.data_path, dims=args.dims, prc=args.prc, sfid=args.sfid)
     if args.fid_command == "ref":
-        save_stats(args.out, mu, sigma)
-        print(f"statistics of {n} images written to {args.out}")
+        out, n = fid_reference(args.images, args.out, **opts)
+        print(f"statistics of {n} images written to {out}")
         return 0
-    result = {"fid": frechet_distance(mu, sigma, *load_stats(args.ref)), "num_images": n}
-    if score is not None:
-        result["inception_score"], result["inception_score_std"] = score
+    result = fid_against_reference(args.images, args.ref, with_is=args.inception_score, **opts)
     print(json.dumps(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
@@ -163,10 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--class", dest="class_id", type=int, help="class id for a class-conditional model")
     s.add_argument("--guidance", type=float, default=1.0, help="sampling-time guidance scale (1: none)")
     s.add_argument("--weights", choices=("ema", "online"), default="ema")
-    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--batch-size", type=int, default=256,
+                   help="samples per batch: each rank holds one batch at a time and ranks share whole batches")
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     s.add_argument("--vae", help="latent models: SD-VAE folder to decode with (default: the run's data.vae)")
-    s.add_argument("--out", required=True, help=".png (grid or scatter), .npz (uint8 NHWC arr_0), .npy, or a folder")
+    s.add_argument("--out", required=True, help=".png (grid or scatter), .npz (uint8 NHWC arr_0), .npy, or a new "
+                   "(or empty) folder; its parent must be visible to every rank (ranks write parts there)")
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("encode-latents", help="encode an image folder with the SD-VAE (torchrun shards it)")
@@ -179,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", choices=("auto", "cpu", "cuda"))
     e.set_defaults(func=cmd_encode_latents)
 
-    f = sub.add_parser("fid", help="FID / Inception Score with torch-fidelity's InceptionV3 (local weights)")
+    f = sub.add_parser("fid", help="FID, sFID, Inception Score, precision/recall with torch-fidelity's InceptionV3 "
+                                   "(local weights)")
     fsub = f.add_subparsers(dest="fid_command", required=True)
     for name in ("ref", "calc"):
         q = fsub.add_parser(name, help="write reference statistics" if name == "ref" else "FID against a reference")
@@ -190,13 +224,22 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--batch-size", type=int, default=64)
         q.add_argument("--device")
         q.add_argument("--dims", choices=("2048", "768", "192", "64"), default="2048",
-                       help="Inception layer (2048: standard FID)")
+                       help="Inception layer of FID and precision/recall (2048: the standard pool features)")
         if name == "ref":
             q.add_argument("--out", required=True, help="statistics .npz (mu, sigma)")
+            q.add_argument("--prc", action="store_true",
+                           help="also store the features themselves (key features, float32 [N, D]) for precision/recall")
+            q.add_argument("--sfid", action="store_true",
+                           help="also store ADM's spatial statistics mu_s, sigma_s (mixed_6/conv, 2023 features) for sFID")
         else:
             q.add_argument("--ref", required=True, help="statistics .npz with mu and sigma (ADM's reference files work)")
             q.add_argument("--json", help="also write the result as JSON here")
             q.add_argument("--is", dest="inception_score", action="store_true", help="also compute the Inception Score")
+            q.add_argument("--prc", action="store_true",
+                           help="also compute precision and recall (k = 3 nearest neighbours) against the reference's "
+                                "features (`fid ref --prc`) or the images in its arr_0 (ADM's reference batches)")
+            q.add_argument("--sfid", action="store_true",
+                           help="also compute sFID against the reference's mu_s, sigma_s (`fid ref --sfid`, ADM's files)")
     f.set_defaults(func=cmd_fid)
 
     v = sub.add_parser("eval", help="evaluate a trained run")

@@ -26,10 +26,14 @@ def read_reference_blob(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    from .safeload import UnreadableFile, load_torch
+
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or holds non-tensor objects
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        blob = load_torch(path)
+    except UnreadableFile as e:  # holds objects beyond tensors (possibly code), truncated, or not a torch file
+        if e.holds_objects:
+            raise CheckpointError(f"{path}: not a reference checkpoint: {e}") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from None
     if not isinstance(blob, dict) or not any(k in blob for k in CHECKPOINT_KEYS):
         keys = ", ".join(map(str, blob)) if isinstance(blob, dict) else type(blob).__name__
         raise CheckpointError(f"{path}: found {keys}; expected a reference checkpoint with {', '.join(CHECKPOINT_KEYS)}")
@@ -106,8 +110,8 @@ def load_reference_network(path: str | Path, model_type: str, which: str = "ema_
 def convert_reference_run(checkpoint: str | Path, config: str | Path, out: str | Path) -> Path:
     """A soflow run folder (config.yaml + checkpoints/) from a reference checkpoint and its YAML.
 
-    Model and EMA weights carry over; the optimizer state starts fresh and the step is the
-    reference's `finished_steps`, so training resumes on the same schedule r(k, K).
+    Model, EMA and optimizer state carry over: `soflow train` continues the run with its Adam/RAdam
+    moments and step counts, from the reference's `finished_steps`, so on the same schedule r(k, K).
     """
     from .train.build import build_flow
     from .train.checkpoint import FORMAT, atomic_save, checkpoint_dir
@@ -122,13 +126,108 @@ def convert_reference_run(checkpoint: str | Path, config: str | Path, out: str |
     blob = read_reference_blob(path)
     online, ema = network_state(blob, "model", str(path)), network_state(blob, "ema_model", str(path))
     flow = build_flow(cfg, data_shape, num_classes)
-    load_into(flow.net, online, source=f"{path} (model)")
     load_into(flow.net, ema, source=f"{path} (ema_model)")
+    load_into(flow.net, online, source=f"{path} (model)")
+    optimizer = convert_optimizer(blob.get("optimizer"), flow.net, list(online), cfg, source=str(path))
     step = int(blob.get("finished_steps", 0))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump(cfg))
     atomic_save({"format": FORMAT, "step": step, "config": cfg.to_dict(), "sample_shape": list(data_shape),
-                 "num_classes": num_classes, "net": online, "ema": ema, "optimizer": {}, "rng": [],
+                 "num_classes": num_classes, "net": online, "ema": ema, "optimizer": optimizer, "rng": [],
                  "world_size": 0}, checkpoint_dir(out) / f"ckpt-{step:08d}.pt")
     return out
+
+
+# The per-parameter state tensors of the reference optimizers (AdamW on ImageNet, RAdam on CIFAR-10).
+MOMENTS = ("exp_avg", "exp_avg_sq")
+# Param-group hyperparameters soflow's optimizer is built with: the config key that sets each, if any.
+HYPERPARAMETERS = {"lr": "train.lr (learning_rate in a reference YAML)", "betas": "train.betas",
+                   "weight_decay": "train.weight_decay", "eps": None, "amsgrad": None, "maximize": None}
+
+
+def convert_optimizer(state, net: nn.Module, reference_order: list[str], cfg, source: str) -> dict:
+    """A reference optimizer state_dict as soflow's optimizer over `net.parameters()` saves it.
+
+    The reference optimizes `network.parameters()`, so its state is keyed by each parameter's
+    position in that list, which is the order of the parameter names in `reference_order` (the
+    keys of its `model` state dict).  The moments are checked against the parameters' shapes and
+    the param-group hyperparameters against the config; an empty state gives {} (a fresh optimizer).
+    """
+    from .train.build import build_optimizer
+
+    if state is None or state == {}:
+        return {}
+    if not isinstance(state, dict) or not isinstance(state.get("state"), dict) \
+            or not isinstance(state.get("param_groups"), list):
+        raise CheckpointError(f"{source}: 'optimizer' is not a torch optimizer state_dict "
+                              "(expected 'state' and 'param_groups')")
+    params = dict(net.named_parameters())
+    names = [k for k in reference_order if k in params]  # reference position -> parameter name
+    groups = state["param_groups"]
+    ids = [i for g in groups if isinstance(g, dict) for i in g.get("params", [])]
+    if len(groups) != 1 or len(ids) != len(names) or len(set(ids)) != len(ids):
+        raise CheckpointError(f"{source}: the optimizer state covers {len(ids)} parameters in {len(groups)} "
+                              f"group(s), but {type(net).__name__} has {len(names)} parameters in one group")
+    fresh = build_optimizer(cfg, net.parameters())
+    group = fresh.state_dict()["param_groups"][0]
+    _check_hyperparameters(groups[0], group, cfg.train.optimizer, source)
+    name_of = dict(zip(ids, names))
+    position = {name: i for i, name in enumerate(params)}  # soflow's key of each parameter
+    converted = {}
+    for pid, entry in state["state"].items():
+        if pid not in name_of:
+            raise CheckpointError(f"{source}: optimizer state for parameter {pid!r}, which no param group lists")
+        name = name_of[pid]
+        _check_moments(entry, name, params[name], source)
+        converted[position[name]] = entry
+    if not converted:
+        return {}  # saved before the first step: nothing to carry over
+    # After a step every trained parameter has moments; one without them would restart its own.
+    missing = [n for n, p in params.items() if p.requires_grad and position[n] not in converted]
+    if missing:
+        raise CheckpointError(f"{source}: the optimizer state has no moments for {missing[0]}"
+                              + (f" and {len(missing) - 1} more parameters" if len(missing) > 1 else "")
+                              + f"; it does not belong to this {type(net).__name__}")
+    try:
+        fresh.load_state_dict({"state": converted, "param_groups": [group]})
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{source}: the optimizer state does not load ({str(e).splitlines()[0]})") from None
+    return fresh.state_dict()
+
+
+def _check_hyperparameters(saved: dict, own: dict, kind: str, source: str) -> None:
+    import math
+
+    # Adam and AdamW groups carry `amsgrad`, RAdam's never do (torch 2.0 onwards).
+    if ("amsgrad" in saved) != ("amsgrad" in own):
+        theirs, fix = ("Adam(W)", "adamw") if "amsgrad" in saved else ("RAdam", "radam")
+        raise CheckpointError(f"{source}: the optimizer state is {theirs}'s but train.optimizer is {kind}; "
+                              f"set train.optimizer={fix}")
+    for key, config_key in HYPERPARAMETERS.items():
+        if key not in saved or key not in own:
+            continue
+        a, b = saved[key], own[key]
+        same = (len(a) == len(b) and all(math.isclose(float(x), float(y), rel_tol=1e-9) for x, y in zip(a, b))
+                if isinstance(b, (tuple, list)) else math.isclose(float(a), float(b), rel_tol=1e-9))
+        if not same:
+            shown = list(a) if isinstance(a, (tuple, list)) else a
+            if config_key:
+                raise CheckpointError(f"{source}: optimizer {key} {shown} differs from the config's {b}; "
+                                      f"set {config_key} to {shown} to continue the run")
+            raise CheckpointError(f"{source}: optimizer {key} {shown} differs from soflow's {b}, which no "
+                                  "config key changes")
+
+
+def _check_moments(entry, name: str, param: Tensor, source: str) -> None:
+    if not isinstance(entry, dict) or any(k not in entry for k in ("step", *MOMENTS)):
+        found = ", ".join(map(str, entry)) if isinstance(entry, dict) else type(entry).__name__
+        raise CheckpointError(f"{source}: optimizer state of {name} has {found}; expected step, {', '.join(MOMENTS)}")
+    for key, value in entry.items():
+        if key == "step":
+            if isinstance(value, Tensor) and value.numel() != 1:
+                raise CheckpointError(f"{source}: optimizer step of {name} has shape {tuple(value.shape)}; expected a number")
+        elif not isinstance(value, Tensor) or value.shape != param.shape:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise CheckpointError(f"{source}: optimizer {key} of {name} has shape {shape}, the parameter "
+                                  f"{tuple(param.shape)}")

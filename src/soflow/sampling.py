@@ -180,3 +180,13 @@ def generate(method: str, model: SolutionFlow, n: int, nfe: int, *, mode: str | 
     if method == "flow_matching":
         return ode_sample(model, n, nfe, method=mode or "euler", **kw)
     return sample(model, n, nfe=nfe, mode=mode or ("chain" if method == "meanflow" else "renoise"), **kw)
+
+
+def generate_chunks(method: str, model: SolutionFlow, first: int, last: int, nfe: int, *, batch_size: int = 256,
+                    **kw):
+    """`generate` for sample indices [first, last), yielded one batch (at most batch_size samples) at a
+    time so that a caller can store each batch before the next is drawn: memory stays at one batch
+    whatever the number of samples.  Sample i still depends only on (seed, i)."""
+    for start in range(first, last, batch_size):
+        yield generate(method, model, min(last, start + batch_size) - start, nfe, batch_size=batch_size,
+                       first_index=start, **kw)

@@ -1,45 +1,267 @@
 """Writing samples: .png (image grid or 2-D scatter), .npz (ADM-style uint8 NHWC `arr_0`),
-.npy (raw float array), or a folder of PNG files."""
+.npy (raw float array), or a folder of PNG files named by sample index.
+
+`SampleOutput` writes one output from one or many processes with memory that does not grow
+with the number of samples: each rank streams its contiguous range of samples, chunk by chunk,
+into a part file (or into its own PNG files), and rank 0 assembles the parts by copying them in
+fixed-size blocks.  Everything is written under temporary names in the output's folder (so the
+folder must be one that every rank sees) and renamed at the end: an output exists under its name
+only once it is complete.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from numpy.lib import format as npy_format
 
 from .plots import image_grid, scatter_panels, to_uint8
 
+COPY_BLOCK = 16 << 20  # bytes per read when parts are copied into the output
 
-def write_samples(out: str | Path, x: torch.Tensor) -> Path:
-    out = Path(out)
-    images = x.dim() == 4
+
+def output_kind(out: Path, sample_shape) -> str:
+    """'npz' | 'npy' | 'png' | 'folder' for --out, or ValueError if it cannot hold these samples."""
+    images = len(sample_shape) == 3
     suffix = out.suffix.lower()
-    if suffix == ".npy":
-        _parent(out)
-        np.save(out, x.detach().float().cpu().numpy())
-    elif suffix == ".npz":
-        _parent(out)
-        np.savez(out, arr_0=to_uint8(x) if images else x.detach().float().cpu().numpy())
-    elif suffix == ".png":
-        if images:
-            image_grid(out, x)
-        elif x.shape[1] >= 2:
-            scatter_panels(out, {f"{len(x)} samples": x[:, :2]})
-        else:
-            raise ValueError(f"--out {out}: cannot plot {x.shape[1]}-D points; use .npy or .npz")
-    elif suffix == "":
+    if suffix in (".npz", ".npy"):
+        return suffix[1:]
+    if suffix == ".png":
+        if not images and sample_shape[0] < 2:
+            raise ValueError(f"--out {out}: cannot plot {sample_shape[0]}-D points; use .npy or .npz")
+        return "png"
+    if suffix == "":
         if not images:
             raise ValueError(f"--out {out}: a folder of PNGs needs image samples; use .npy or .npz for points")
+        return "folder"
+    raise ValueError(f"--out {out}: unknown output type {suffix!r}; use .png, .npz, .npy or a folder")
+
+
+def rank_range(num: int, world: int, rank: int, batch_size: int) -> tuple[int, int]:
+    """Sample indices [first, last) of one rank: a contiguous run of whole batches of the global grid
+    (batch k holds samples [k b, (k + 1) b)), spread as evenly as whole batches allow.  Every rank
+    then evaluates exactly the batches one process would, so results agree bit for bit rather than
+    to the rounding of batch-size-dependent kernels."""
+    batches = -(-num // batch_size)
+    lo, hi = rank * batches // world, (rank + 1) * batches // world
+    return min(num, lo * batch_size), min(num, hi * batch_size)
+
+
+class SampleOutput:
+    """One output of `num` samples written by `world` ranks.  `token`, the same on every rank and
+    unique to the invocation, names the temporary files next to the output."""
+
+    def __init__(self, out, sample_shape, num: int, world: int, batch_size: int, token: str):
+        if num < 1:
+            raise ValueError(f"--num must be >= 1, got {num}")
+        if batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        self.out = Path(out)
+        self.kind = output_kind(self.out, tuple(sample_shape))
+        self.num, self.world, self.batch_size, self.token = num, world, batch_size, token
+        self.images = len(sample_shape) == 3
+
+    # names -----------------------------------------------------------------------------------
+    def range(self, rank: int) -> tuple[int, int]:
+        return rank_range(self.num, self.world, rank, self.batch_size)
+
+    def part(self, rank: int) -> Path:
+        return self.out.with_name(f".{self.out.name}.{self.token}.part{rank:04d}.npy")
+
+    @property
+    def staging(self) -> Path:
+        """The output under construction; files keep their suffix, which PIL and matplotlib read."""
+        if self.kind == "folder":
+            return self.out.with_name(f".{self.out.name}.{self.token}.tmp")
+        return self.out.with_name(f".{self.out.stem}.{self.token}.tmp{self.out.suffix}")
+
+    # writing ---------------------------------------------------------------------------------
+    def check_destination(self) -> None:
+        """Refuse, before any sampling, a destination the final rename could not replace."""
+        if self.kind == "folder":
+            if self.out.exists() and not self.out.is_dir():
+                raise ValueError(f"--out {self.out}: exists and is not a folder; choose another name")
+            if self.out.is_dir() and any(self.out.iterdir()):
+                raise ValueError(f"--out {self.out}: folder exists and is not empty; remove it or choose a new "
+                                 "name (old images would mix with the new ones)")
+        elif self.out.is_dir():
+            raise ValueError(f"--out {self.out}: is a folder; give a file name ending in .{self.kind}")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def writer(self, rank: int):
+        """The object that takes this rank's samples, chunk by chunk, in index order."""
+        first, last = self.range(rank)
+        if self.kind == "folder":
+            return _PngFiles(self.staging, first, last)
+        to_array = _uint8_nhwc if (self.kind == "npz" and self.images) else _float32
+        return _PartFile(self.part(rank), last - first, to_array)
+
+    # assembling (rank 0, after every rank closed its writer) ------------------------------------
+    def assemble(self) -> Path:
+        try:
+            if self.kind == "folder":
+                self._check_folder()
+                os.replace(self.staging, self.out)  # onto a missing or empty folder
+            else:
+                parts = self._parts()
+                if self.kind == "png":
+                    self._plot(parts)
+                else:
+                    with open(self.staging, "wb") as f:
+                        if self.kind == "npz":
+                            self._zip(f, parts)
+                        else:
+                            _copy_parts(f, parts)
+                        f.flush()
+                        os.fsync(f.fileno())
+                os.replace(self.staging, self.out)
+        finally:
+            self.discard()
+        return self.out
+
+    def discard(self) -> None:
+        """Remove every temporary file of this output (parts of all ranks and the staging output)."""
+        for rank in range(self.world):
+            self.part(rank).unlink(missing_ok=True)
+        if self.staging.is_dir():
+            shutil.rmtree(self.staging, ignore_errors=True)
+        else:
+            self.staging.unlink(missing_ok=True)
+
+    def _parts(self) -> list[tuple[Path, int, tuple, np.dtype]]:
+        """(path, data offset, shape, dtype) of each non-empty rank's part, checked against its range."""
+        parts = []
+        for rank in range(self.world):
+            first, last = self.range(rank)
+            if last == first:
+                continue
+            path = self.part(rank)
+            if not path.is_file():
+                raise ValueError(f"--out {self.out}: the samples of rank {rank} are missing ({path.name}); the "
+                                 "output folder must be on a file system that every rank sees")
+            offset, shape, dtype = _read_header(path)
+            complete = path.stat().st_size - offset == int(np.prod(shape)) * dtype.itemsize
+            unlike = parts and (shape[1:], dtype) != (parts[0][2][1:], parts[0][3])
+            if not complete or shape[0] != last - first or unlike:
+                raise ValueError(f"--out {self.out}: part {path.name} holds {shape} {dtype}, expected "
+                                 f"{last - first} samples like the other parts")
+            parts.append((path, offset, shape, dtype))
+        return parts
+
+    def _zip(self, f, parts) -> None:
+        """The bytes numpy.savez(arr_0=...) writes (one stored zip64 entry with zipfile's fixed 1980
+        time stamp, so equal samples give equal files), with arr_0.npy streamed from the parts."""
+        info = zipfile.ZipInfo("arr_0.npy")
+        info.compress_type, info.external_attr = zipfile.ZIP_STORED, 0o600 << 16
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open(info, "w", force_zip64=True) as entry:
+                _copy_parts(entry, parts)
+
+    def _plot(self, parts) -> None:
+        """Grid or scatter: meant for small N, so the samples are loaded whole, on rank 0 only."""
+        x = torch.from_numpy(np.concatenate([np.load(path) for path, *_ in parts]))
+        if self.images:
+            image_grid(self.staging, x)
+        else:
+            scatter_panels(self.staging, {f"{len(x)} samples": x[:, :2]})
+
+    def _check_folder(self) -> None:
+        found = sum(1 for _ in self.staging.glob("*.png")) if self.staging.is_dir() else 0
+        if found != self.num:
+            raise ValueError(f"--out {self.out}: {found} of {self.num} images were written; the output folder must "
+                             "be on a file system that every rank sees")
+
+
+def _uint8_nhwc(x: torch.Tensor) -> np.ndarray:
+    return to_uint8(x)
+
+
+def _float32(x: torch.Tensor) -> np.ndarray:
+    return x.detach().float().cpu().numpy()
+
+
+class _PartFile:
+    """One rank's samples as an .npy file written front to back: header first (its shape is known
+    from the rank's range and the first chunk), then each chunk's bytes."""
+
+    def __init__(self, path: Path, count: int, to_array):
+        self.path, self.count, self.to_array = path, count, to_array
+        self.file, self.written = None, 0
+
+    def write(self, x: torch.Tensor) -> None:
+        arr = np.ascontiguousarray(self.to_array(x))
+        if self.file is None:
+            self.file = open(self.path, "wb")
+            npy_format.write_array_header_1_0(self.file, {"descr": npy_format.dtype_to_descr(arr.dtype),
+                                                          "fortran_order": False,
+                                                          "shape": (self.count, *arr.shape[1:])})
+        self.file.write(arr.tobytes())
+        self.written += len(arr)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if self.file is not None:
+            self.file.close()
+        if kind is not None:
+            self.path.unlink(missing_ok=True)
+        elif self.written != self.count:
+            self.path.unlink(missing_ok=True)
+            raise RuntimeError(f"{self.path.name}: {self.written} samples written, {self.count} expected")
+
+
+class _PngFiles:
+    """One rank's images as PNG files named by global sample index in the shared staging folder."""
+
+    def __init__(self, folder: Path, first: int, last: int):
+        self.folder, self.first, self.next, self.last = folder, first, first, last
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def write(self, x: torch.Tensor) -> None:
         from PIL import Image
 
-        out.mkdir(parents=True, exist_ok=True)
-        for i, img in enumerate(to_uint8(x)):
-            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(out / f"{i:06d}.png")
-    else:
-        raise ValueError(f"--out {out}: unknown output type {suffix!r}; use .png, .npz, .npy or a folder")
-    return out
+        for img in to_uint8(x):
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(self.folder / f"{self.next:06d}.png")
+            self.next += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is not None:  # take back this rank's files; rank 0 removes the folder itself
+            for i in range(self.first, self.next):
+                (self.folder / f"{i:06d}.png").unlink(missing_ok=True)
 
 
-def _parent(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _read_header(path: Path) -> tuple[int, tuple, np.dtype]:
+    with open(path, "rb") as f:
+        npy_format.read_magic(f)
+        shape, _, dtype = npy_format.read_array_header_1_0(f)
+        return f.tell(), shape, dtype
+
+
+def _copy_parts(dst, parts) -> None:
+    """One .npy (header for the whole array, then each part's data in rank order) into dst."""
+    first = parts[0]
+    total = sum(shape[0] for _, _, shape, _ in parts)
+    npy_format.write_array_header_1_0(dst, {"descr": npy_format.dtype_to_descr(first[3]), "fortran_order": False,
+                                            "shape": (total, *first[2][1:])})
+    for path, offset, _, _ in parts:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            shutil.copyfileobj(f, dst, COPY_BLOCK)
+
+
+def write_samples(out: str | Path, x: torch.Tensor) -> Path:
+    """Write in-memory samples x [N, ...] to `out` (one process)."""
+    output = SampleOutput(out, tuple(x.shape[1:]), len(x), 1, max(1, len(x)), token=f"w{os.getpid()}")
+    output.check_destination()
+    with output.writer(0) as w:
+        w.write(x)
+    return output.assemble()

@@ -91,17 +91,51 @@ def fashion_mnist(path: str | None = None, split: str = "train") -> ImageData:
 
 # ---------------------------------------------------------------- CIFAR-10
 
+class _Refused(pickle.UnpicklingError):
+    """A pickle naming something the CIFAR reader does not resolve; the message is its name."""
+
+
+def _latin1(text, encoding):
+    """``_codecs.encode`` as pickles of bytes use it (text -> latin-1 bytes), and nothing else."""
+    if not isinstance(text, str) or str(encoding).lower().replace("_", "-") not in ("latin1", "latin-1"):
+        raise _Refused("_codecs.encode (other than text to latin-1)")
+    return text.encode("latin-1")
+
+
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles the CIFAR batch dicts: plain containers and numpy arrays, nothing else."""
+    """Unpickles the CIFAR batch dicts. The format is a pickle, which may name any function to
+    call; only what numpy arrays, numpy scalars and bytes need is resolved, so no other code can
+    run. What comes out is checked by :func:`_plain` (numeric arrays, plain containers)."""
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+               ("numpy._core.multiarray", "scalar")}
 
     def find_class(self, module, name):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1
         if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+            raise _Refused(" ".join(f"{module}.{name}".split())[:120])  # one line, whatever the file says
         return super().find_class(module, name)
+
+
+_PLAIN = (bytes, str, int, float, bool, type(None))
+
+
+def _plain(obj, depth: int = 0) -> bool:
+    """True when `obj` is made of dicts, lists, tuples, bytes, str, numbers and numeric numpy
+    arrays or scalars only (no object arrays)."""
+    if depth > 8:
+        return False
+    if isinstance(obj, (np.ndarray, np.generic)):
+        return obj.dtype.kind in "biufcSU" and not obj.dtype.hasobject
+    if isinstance(obj, _PLAIN):
+        return True
+    if isinstance(obj, dict):
+        return all(_plain(k, depth + 1) and _plain(v, depth + 1) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return all(_plain(v, depth + 1) for v in obj)
+    return False
 
 
 def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -111,8 +145,14 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except FileNotFoundError:
         raise DataError(f"{path}: missing; data.path must hold the CIFAR-10 python batches "
                         "(data_batch_1 ... data_batch_5)") from None
+    except _Refused as e:
+        raise DataError(f"{path}: not a CIFAR-10 python batch: it names {e}, which soflow will not "
+                        "unpickle (it reads numeric arrays and plain values only)") from None
     except Exception as e:
         raise DataError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__})") from None
+    if not _plain(blob):
+        raise DataError(f"{path}: not a CIFAR-10 python batch: it holds objects other than numeric arrays "
+                        "and plain values")
     get = lambda k: blob.get(k.encode(), blob.get(k)) if isinstance(blob, dict) else None
     data, labels = get("data"), get("labels")
     if data is None or labels is None:
@@ -120,8 +160,8 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     data, labels = np.asarray(data), np.asarray(labels)
     if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8 or len(labels) != len(data):
         raise DataError(f"{path}: 'data' has shape {data.shape} ({data.dtype}); expected [N, 3072] uint8 with N labels")
-    if labels.min(initial=0) < 0 or labels.max(initial=0) >= 10:
-        raise DataError(f"{path}: labels out of range; CIFAR-10 has classes 0-9")
+    if labels.dtype.kind not in "iu" or labels.min(initial=0) < 0 or labels.max(initial=0) >= 10:
+        raise DataError(f"{path}: labels are not integers in 0-9 (CIFAR-10 has classes 0-9)")
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 

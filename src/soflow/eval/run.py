@@ -10,7 +10,8 @@ import torch
 from ..data import make_dataset
 from ..sampling import generate
 from ..train.load import load_run
-from .fid import EvalError, InceptionFeatures, frechet_distance, inception_score, load_images, statistics
+from .fid import (LAYER_DIMS, SPATIAL, EvalError, InceptionFeatures, frechet_distance, inception_score, load_features,
+                  load_images, load_stats, npz_keys, precision_recall, save_stats, statistics)
 from .points import energy_distance, sliced_wasserstein2
 
 
@@ -79,3 +80,85 @@ def image_stats(src: str, weights=None, device=None, batch_size: int = 64, data_
     mu, sigma = statistics(out[dims])
     score = inception_score(out["logits_unbiased"]) if with_is else None
     return mu, sigma, score, len(images)
+
+
+def fid_reference(src: str, out, weights=None, device=None, batch_size: int = 64, data_path=None,
+                  dims: str = "2048", prc: bool = False, sfid: bool = False):
+    """Write the reference statistics of an image source to `out` (`soflow fid ref`): mu and sigma
+    of the `dims` layer, plus the features themselves with `prc` (for precision and recall) and
+    ADM's spatial statistics mu_s, sigma_s with `sfid`.  Returns (path written, number of images)."""
+    extractor = _extractor(weights, device, batch_size, dims, sfid=sfid)
+    out_feats = _features(extractor, src, data_path, dims)
+    extra = {}
+    if sfid:
+        extra["mu_s"], extra["sigma_s"] = statistics(out_feats[SPATIAL])
+    path = save_stats(out, *statistics(out_feats[dims]), features=out_feats[dims] if prc else None, **extra)
+    return path, len(out_feats[dims])
+
+
+def fid_against_reference(src: str, ref, weights=None, device=None, batch_size: int = 64, data_path=None,
+                          dims: str = "2048", with_is: bool = False, prc: bool = False, sfid: bool = False,
+                          k: int = 3) -> dict:
+    """`soflow fid calc`: FID of an image source against the reference file `ref`, and with the
+    flags the Inception Score, sFID (against the reference's mu_s, sigma_s) and precision / recall
+    (k nearest neighbours, against the reference's `features`, or the features of the images in
+    its arr_0, which is where ADM's reference batches keep them).  The reference file is checked
+    before any image is read."""
+    mu_r, sigma_r = load_stats(ref)
+    _check_dims(ref, mu_r.shape[0], dims, "mu")
+    spatial_ref = load_stats(ref, ("mu_s", "sigma_s")) if sfid else None
+    if sfid:
+        _check_dims(ref, spatial_ref[0].shape[0], SPATIAL, "mu_s")
+    ref_features = _reference_features(ref, dims) if prc else None
+    extractor = _extractor(weights, device, batch_size, dims, with_is=with_is, sfid=sfid)
+    out = _features(extractor, src, data_path, dims)
+    result = {"fid": frechet_distance(*statistics(out[dims]), mu_r, sigma_r), "num_images": len(out[dims])}
+    if sfid:
+        result["sfid"] = frechet_distance(*statistics(out[SPATIAL]), *spatial_ref)
+    if prc:
+        if isinstance(ref_features, str):  # ADM's reference images: their features, as the samples'
+            ref_features = _features(extractor, ref_features, None, dims)[dims]
+        result["precision"], result["recall"] = _precision_recall(ref, ref_features, out[dims], k, extractor.device)
+    if with_is:
+        result["inception_score"], result["inception_score_std"] = inception_score(out["logits_unbiased"])
+    return result
+
+
+def _extractor(weights, device, batch_size, dims, with_is=False, sfid=False) -> InceptionFeatures:
+    """The `dims` layer, and the logits / spatial features when asked for, in one pass."""
+    features = (dims,) + (("logits_unbiased",) if with_is else ()) + ((SPATIAL,) if sfid else ())
+    return InceptionFeatures(weights, device=device, batch_size=batch_size, features=features)
+
+
+def _features(extractor: InceptionFeatures, src, data_path, dims: str) -> dict:
+    out = extractor.extract(source_images(src, data_path))
+    if len(out[dims]) < 2:
+        raise EvalError(f"{src}: {len(out[dims])} image; statistics need at least 2")
+    return out
+
+
+def _check_dims(ref, found: int, layer: str, key: str) -> None:
+    if layer in LAYER_DIMS and found != LAYER_DIMS[layer]:
+        hint = ("; pass the --dims the reference was written with" if layer != SPATIAL else
+                f"; expected ADM's {LAYER_DIMS[SPATIAL]} spatial features")
+        raise EvalError(f"{ref}: {key} has {found} dimensions, but the {layer!r} features have "
+                        f"{LAYER_DIMS[layer]}{hint}")
+
+
+def _reference_features(ref, dims: str):
+    """The reference's feature array, or its path when only its arr_0 images are there."""
+    keys = npz_keys(ref)
+    if "features" not in keys and "arr_0" in keys:
+        return str(ref)
+    feats = load_features(ref)  # a one-line error when there are neither features nor images
+    _check_dims(ref, feats.shape[1], dims, "features")
+    return feats
+
+
+def _precision_recall(ref, real, fake, k: int, device) -> tuple[float, float]:
+    """In float32 on the Inception network's device (ADM's evaluator takes float16 distances)."""
+    if min(len(real), len(fake)) <= k:
+        raise EvalError(f"{ref}: precision/recall with k = {k} needs more than {k} images on each side "
+                        f"(reference {len(real)}, samples {len(fake)})")
+    real = torch.as_tensor(real, dtype=torch.float32).to(device)
+    return precision_recall(real, fake.to(device, torch.float32), k=k)

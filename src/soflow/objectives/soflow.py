@@ -169,8 +169,8 @@ class SoFlowLoss:
             if self.guided:
                 raise ValueError("cfg_scale / mix_ratio need class labels; set them to 1 for unconditional data")
             return v_t
-        null = torch.full_like(groups[0].labels, flow.num_classes)
-        xs, ts, ys, augs = list(x_t), [g.t for g in groups], [null[: len(g)] for g in groups], [g.augment_labels for g in groups]
+        ys = [torch.full_like(g.labels, flow.num_classes) for g in groups]  # the null class on every row
+        xs, ts, augs = list(x_t), [g.t for g in groups], [g.augment_labels for g in groups]
         cond_needed = self.mix_ratio != 1.0 and len(cons)
         if cond_needed:  # conditional model velocity on consistency rows, batched with the uncond ones
             xs.append(x_t[-1]); ts.append(cons.t); ys.append(cons.labels); augs.append(cons.augment_labels)

@@ -63,12 +63,15 @@ def prune(run_dir: Path, keep_last: int, keep_every: int, protect: Path) -> None
 
 def read_checkpoint(path: Path) -> dict:
     """Load one checkpoint file (weights_only) and check it is a soflow run checkpoint."""
+    from ..safeload import UnreadableFile, load_torch
+
     path = Path(path)
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: unreadable ({reason[:160]})") from None
+        blob = load_torch(path)
+    except UnreadableFile as e:
+        if e.holds_objects:
+            raise CheckpointError(f"{path}: not a soflow run checkpoint: {e}") from None
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT or any(k not in blob for k in REQUIRED):
         raise CheckpointError(f"{path}: not a soflow run checkpoint (use `soflow convert-reference` for reference checkpoints)")
     return blob
@@ -91,6 +94,48 @@ def latest_checkpoint(run_dir: Path, warn=print, quarantine: bool = False) -> di
         blob["path"] = str(path)
         return blob
     return None
+
+
+BEST_FID = "best-fid"  # checkpoints/best-fid.pt and .json; not a ckpt-*.pt name, so resume and pruning skip it
+
+
+def best_fid_paths(run_dir: Path) -> tuple[Path, Path]:
+    """(checkpoint, summary) of the best-FID EMA weights of a run."""
+    folder = checkpoint_dir(run_dir)
+    return folder / f"{BEST_FID}.pt", folder / f"{BEST_FID}.json"
+
+
+def save_best_fid(run_dir: Path, state: dict, record: dict) -> Path:
+    """Write the checkpoint whose EMA scored the best FID so far, then a JSON summary of `record`
+    (step, metric, score, ...); both replace the previous ones atomically.  The checkpoint carries
+    `record` itself under "fid", so it is the one source of the best score on resume."""
+    path, summary = best_fid_paths(run_dir)
+    atomic_save({"format": FORMAT, **state, "fid": record}, path)
+    tmp = summary.with_name(f".{summary.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({**record, "checkpoint": path.name}, indent=1) + "\n")
+        os.replace(tmp, summary)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_best_fid(run_dir: Path) -> dict | None:
+    """The "fid" record of checkpoints/best-fid.pt, or None when the run has none.  The file is
+    memory-mapped, so its weights are not read."""
+    from ..safeload import describe
+
+    path, _ = best_fid_paths(run_dir)
+    if not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable ({describe(e)})") from None
+    record = blob.get("fid") if isinstance(blob, dict) else None
+    if not isinstance(record, dict) or not isinstance(record.get("score"), float):
+        raise CheckpointError(f"{path}: no FID record in it")
+    return record
 
 
 def export_safetensors(path: Path, state: dict, config: dict, step: int, sample_shape, num_classes: int) -> Path:

@@ -89,6 +89,14 @@ class TrainConfig:
     sample_num: int = 1000
     sample_nfe: list = field(default_factory=lambda: [1, 2])
     tensorboard: bool = False
+    # FID of EMA samples during training (soflow.eval.training_fid); the first NFE picks best-fid.pt.
+    fid_every: int = 0  # every N steps and at the last step (0: off)
+    fid_num: int = 50_000  # samples per score, spread over the ranks
+    fid_nfe: list = field(default_factory=lambda: [1, 2])  # one score per entry: fid_nfe1, fid_nfe2, ...
+    fid_ref: typing.Optional[str] = None  # reference statistics .npz with mu, sigma (`soflow fid ref` or ADM's)
+    fid_inception: typing.Optional[str] = None  # Inception weights (null: $SOFLOW_INCEPTION_WEIGHTS or ~/.cache/soflow)
+    fid_batch_size: int = 250  # samples generated, decoded and scored at once on each rank
+    fid_dims: int = 2048  # Inception layer: 2048 (pool, the standard FID) | 768 | 192 | 64 (cheap proxies)
 
 
 @dataclass
@@ -186,7 +194,51 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
-def validate(cfg: Config) -> Config:
+def has_labels(data: DataConfig) -> bool:
+    """Whether training batches carry class labels (the toys and `points` never do)."""
+    return data.name in ("imagefolder", "imagenet-latents") or (data.name in ("fmnist", "cifar10") and data.conditional)
+
+
+def _validate_guidance(cfg: Config) -> None:
+    """Refuse the training-time guidance settings whose meaning differs from the reference trainer's.
+
+    The reference guides only when the batch has labels and cfg_scale > 1; only then does it drop
+    labels (cfg_drop_rate) and mix in the model's own velocity (mix_ratio).  soflow's loss drops
+    labels whenever cfg_drop_rate > 0 and guides whenever cfg_scale != 1 or mix_ratio != 1, so the
+    combinations below would train something else under the same names.  cfg_decay_time needs no
+    check: g(t) is the same function in both for every value (>= 1 switches the decay off).
+    """
+    o, data = cfg.objective, cfg.data
+    w, m, drop = o.cfg_scale, o.mix_ratio, o.cfg_drop_rate
+    if not has_labels(data):
+        set_keys = [f"objective.{k}={v}" for k, v, off in (("cfg_scale", w, 1), ("mix_ratio", m, 1),
+                                                             ("cfg_drop_rate", drop, 0)) if v != off]
+        if set_keys:
+            fix = " or data.conditional=true" if data.name in ("fmnist", "cifar10") else ""
+            raise ConfigError(f"{', '.join(set_keys)}: training-time guidance needs class labels, but data.name="
+                              f"{data.name} gives none; set objective.cfg_scale=1, objective.mix_ratio=1 and "
+                              f"objective.cfg_drop_rate=0{fix}")
+        return
+    if w < 1:
+        raise ConfigError(f"objective.cfg_scale={w}: guidance scales below 1 are not trained (the reference guides "
+                          "only above 1); set objective.cfg_scale=1 (no guidance) or a value above 1")
+    if w == 1 and m != 1:
+        raise ConfigError(f"objective.mix_ratio={m} with objective.cfg_scale=1: without guidance the reference "
+                          "ignores mix_ratio while soflow would mix in the model's own velocity; set "
+                          "objective.mix_ratio=1, or guide with objective.cfg_scale above 1")
+    if w == 1 and drop > 0:
+        raise ConfigError(f"objective.cfg_drop_rate={drop} with objective.cfg_scale=1: the reference drops labels "
+                          "only when it guides (and refuses this pair); set objective.cfg_drop_rate=0, or guide "
+                          "with objective.cfg_scale above 1")
+    if w > 1 and drop == 0:
+        raise ConfigError(f"objective.cfg_scale={w} with objective.cfg_drop_rate=0: the guided target needs the "
+                          "unconditional velocity of the null class, which only label dropout trains; set "
+                          "objective.cfg_drop_rate above 0 (the reference uses 0.1), or objective.cfg_scale=1")
+
+
+def validate(cfg: Config, guidance: bool = True) -> Config:
+    """Check every key; `guidance=False` skips the training-time guidance checks (for opening runs
+    that were already trained)."""
     from ..nets import REGISTRY, canonical_name
 
     flat = {"method": cfg.method, "model.path": cfg.model.path, "model.parameterization": cfg.model.parameterization,
@@ -230,11 +282,40 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("train.fsdp: not supported with method=meanflow (its JVP runs on the unwrapped network)")
     if not t.sample_nfe or not all(_type_ok(x, int) and x >= 1 for x in t.sample_nfe):
         raise ConfigError(f"train.sample_nfe: expected a list of positive integers, got {t.sample_nfe!r}")
+    _validate_fid(cfg)
     from ..data import DATASETS
 
     if cfg.data.name not in DATASETS:
         raise ConfigError(f"data.name: unknown dataset {cfg.data.name!r}; choose one of {', '.join(DATASETS)}")
+    if guidance and cfg.method == "soflow":
+        _validate_guidance(cfg)
     return cfg
+
+
+def _validate_fid(cfg: Config) -> None:
+    """The FID settings that can be checked without touching files (those are checked when training starts)."""
+    t = cfg.train
+    if t.fid_every < 0:
+        raise ConfigError(f"train.fid_every: must be 0 (off) or a positive number of steps, got {t.fid_every}")
+    if t.fid_num < 2:
+        raise ConfigError(f"train.fid_num: a covariance needs at least 2 samples, got {t.fid_num}")
+    if t.fid_batch_size < 1:
+        raise ConfigError(f"train.fid_batch_size: must be positive, got {t.fid_batch_size}")
+    if not t.fid_nfe or not all(_type_ok(x, int) and x >= 1 for x in t.fid_nfe):
+        raise ConfigError(f"train.fid_nfe: expected a list of positive integers, got {t.fid_nfe!r}")
+    if len(set(t.fid_nfe)) != len(t.fid_nfe):
+        raise ConfigError(f"train.fid_nfe: {t.fid_nfe!r} repeats an entry")
+    if t.fid_dims not in (64, 192, 768, 2048):
+        raise ConfigError(f"train.fid_dims: {t.fid_dims} is not an Inception feature size; choose 2048 (standard FID), "
+                          "768, 192 or 64")
+    if t.fid_every and not t.fid_ref:
+        raise ConfigError("train.fid_ref: train.fid_every > 0 needs reference statistics: "
+                          "--set train.fid_ref=REF.npz (from `soflow fid ref`, or ADM's reference batch)")
+    from ..data import DATASETS, IMAGE_DATASETS
+
+    if t.fid_every and cfg.data.name in DATASETS and cfg.data.name not in IMAGE_DATASETS:
+        raise ConfigError(f"train.fid_every: FID needs image data; data.name={cfg.data.name} is not one of "
+                          f"{', '.join(IMAGE_DATASETS)}")
 
 
 # ---------------------------------------------------------------- sources
@@ -260,7 +341,11 @@ def read_yaml(source: str) -> dict:
 
 
 def load(source: str | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
-    """Defaults <- `base` (e.g. a saved run config) <- preset/YAML `source` <- overrides."""
+    """Defaults <- `base` (e.g. a saved run config) <- preset/YAML `source` <- overrides.
+
+    The guidance checks apply when a preset, YAML or override is given: a saved run config alone
+    (opening a finished run for sampling) is taken as it was trained.
+    """
     cfg = Config()
     if base:
         apply(cfg, base)
@@ -270,7 +355,7 @@ def load(source: str | None = None, overrides: list[str] = (), base: dict | None
     for text in overrides:
         key, value = parse_override(text)
         _set(cfg, key, value)
-    return validate(cfg)
+    return validate(cfg, guidance=source is not None or bool(overrides))
 
 
 def dump(cfg: Config) -> str:
@@ -324,6 +409,8 @@ def from_reference(data: dict) -> dict:
             if src in ("noising_type", "coefficient_type", "l_schedule") and isinstance(value, str):
                 value = value.lower()
             out[dst] = value
+    if "ckpt_saving_steps" in data:  # the reference keeps every checkpoint it writes
+        out["train.keep_every"] = data["ckpt_saving_steps"]
     if "model_type" in data:
         out["model.net"] = REFERENCE_MODELS[data["model_type"]]
     if "eval_NFE" in data:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -19,12 +20,14 @@ from ..data import make_dataset
 from ..data.stream import batches
 from ..sampling import generate
 from ..data.augment import AugmentPipe
+from ..eval.training_fid import TrainingFID
 from ..seeding import derive_seed, generator
 from . import distributed, parallel
 from .build import build_flow, build_objective, build_optimizer
 from .checkpoint import export_safetensors, latest_checkpoint, save_checkpoint
 from .config import Config, ConfigError, dump
 from .ema import EMA
+from .lock import RunLock
 from .runlog import RunLog
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,10 +79,34 @@ def train(cfg: Config, run_dir: str | Path, stop_after: int | None = None, on_st
     """Train (or resume) the run in `run_dir`.  Returns {'step', 'stopped', 'export', 'samples'}.
 
     on_step(step, flow), if given, is called after every optimizer step (tests use it).
+    The run folder is locked for the whole call: a second trainer on it is refused.
     """
     env = distributed.setup(cfg.train.device)
+    lock = _hold_run_dir(env, Path(run_dir))
+    try:
+        return _train(cfg, env, Path(run_dir), stop_after, on_step)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _hold_run_dir(env, run_dir: Path) -> RunLock | None:
+    """Rank 0 takes the run folder's lock; if it cannot, every rank stops with its message."""
+    lock, error = None, None
+    if env.is_main:
+        try:
+            lock = RunLock(run_dir, warn=lambda m: print(m, file=sys.stderr, flush=True)).acquire()
+        except ConfigError as e:
+            error = str(e)
+    error = distributed.all_gather_objects(env, error)[0]
+    if error:
+        distributed.teardown(env)
+        raise ConfigError(error)
+    return lock
+
+
+def _train(cfg: Config, env, run_dir: Path, stop_after: int | None, on_step) -> dict:
     t = cfg.train
-    run_dir = Path(run_dir)
     per_rank = per_rank_batch(cfg, env.world)
     torch.backends.cuda.matmul.allow_tf32 = t.tf32
     torch.backends.cudnn.allow_tf32 = t.tf32
@@ -87,6 +114,7 @@ def train(cfg: Config, run_dir: str | Path, stop_after: int | None = None, on_st
 
     # Model and EMA: identical initial weights on every rank; resumed weights load before sharding.
     data = make_dataset(cfg.data)
+    fid = TrainingFID(cfg, data, env, run_dir, log) if t.fid_every else None  # its files fail here, not later
     torch.manual_seed(t.seed)
     flow = build_flow(cfg, data.sample_shape, data.num_classes).to(env.device)
     ema = EMA(flow.net, t.ema_decay, t.ema_every, t.ema_float64)
@@ -169,7 +197,8 @@ def train(cfg: Config, run_dir: str | Path, stop_after: int | None = None, on_st
             if on_step is not None:
                 on_step(step, flow)
 
-            boundary = step % t.log_every == 0 or step % t.checkpoint_every == 0 or step == t.total_steps
+            fid_due = fid is not None and fid.due(step, t.total_steps)
+            boundary = step % t.log_every == 0 or step % t.checkpoint_every == 0 or step == t.total_steps or fid_due
             halt = stop_after is not None and step - started >= stop_after
             signalled = stop_flag.poll(stop.raised)
             if boundary or halt or signalled:
@@ -183,6 +212,8 @@ def train(cfg: Config, run_dir: str | Path, stop_after: int | None = None, on_st
             if step % t.checkpoint_every == 0 or step == t.total_steps or halt or signalled:
                 _save(env, run_dir, cfg, flow, ema, optimizer, step)
                 last_saved = step
+            if fid_due and not signalled:  # a stop request should not wait for thousands of samples
+                fid.evaluate(step, flow, ema)
             if t.sample_every and step % t.sample_every == 0 and step < t.total_steps:
                 write_samples(cfg, ema_flow(cfg, flow, ema), data, run_dir / "samples", step, log, env)
             if halt or signalled:

@@ -68,7 +68,18 @@ def load_optimizer(net: nn.Module, optimizer, state: dict) -> None:
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(net, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(net, optimizer, keyed_by_name(net, state), options=StateDictOptions(full_state_dict=True))
+
+
+def keyed_by_name(net: nn.Module, state: dict) -> dict:
+    """An optimizer state keyed by parameter position (what an unsharded run or `convert-reference`
+    saves) re-keyed by parameter name, the form the sharded loader needs (it fails on position
+    keys).  Positions follow `net.parameters()`, which the optimizer is built over."""
+    if not all(isinstance(k, int) for g in state["param_groups"] for k in g["params"]):
+        return state
+    names = [name for name, _ in net.named_parameters()]
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
+    return {"state": {names[i]: v for i, v in state["state"].items()}, "param_groups": groups}
 
 
 def local_tensor(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,82 @@
+"""Reading model files that anyone may have written: tensors and plain values only, never code.
+
+Unpickling a file runs whatever functions its pickle names, so soflow reads every torch file with
+``weights_only=True`` (PyTorch's restricted unpickler) and safetensors files with the safetensors
+parser. A refusal is reported in one line of soflow's own words. PyTorch's own refusal suggests
+loading the file again with the protection turned off when it comes "from a trusted source"; soflow
+never passes that on: a file that needs it holds more than tensors, so it is not a file that soflow
+wrote or can use.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+# Phrases of PyTorch's refusal that advise turning the protection off; no message repeats them.
+_ADVICE = re.compile(r"weights_only|trust", re.IGNORECASE)
+_GLOBAL = re.compile(r"GLOBAL (\S{1,120})")
+
+
+class UnreadableFile(Exception):
+    """A file that soflow will not or cannot read. ``holds_objects`` is True when the restricted
+    unpickler refused it: a pickle that names Python objects beyond tensors and plain values
+    (possibly code) or uses what that unpickler does not read. The message is a short reason,
+    without the file name, for the caller's one-line error."""
+
+    def __init__(self, reason: str, holds_objects: bool):
+        super().__init__(reason)
+        self.holds_objects = holds_objects
+
+
+def describe(e: BaseException) -> str:
+    """A short one-line reason for a failed read, never quoting advice to drop the protection."""
+    text = str(e).strip()
+    if isinstance(e, EOFError) or "unexpected eof" in text.lower():
+        return "empty or truncated file"
+    if "central directory" in text or "zip archive" in text or "incomplete metadata" in text:
+        return "truncated or damaged file"
+    first = text.splitlines()[0].strip() if text else ""
+    if not first or _ADVICE.search(text):
+        return type(e).__name__
+    return f"{type(e).__name__}: {first[:160]}"
+
+
+def _refusal(e: BaseException) -> UnreadableFile:
+    named = _GLOBAL.search(str(e))
+    what = named.group(1).rstrip(".") if named else ""
+    if what and not _ADVICE.search(what):
+        return UnreadableFile(f"it holds Python objects ({what}) that soflow will not unpickle; "
+                              "only tensors and plain values are read", holds_objects=True)
+    return UnreadableFile("it is a pickle that soflow will not unpickle; only tensors and plain values "
+                          "saved with torch.save are read", holds_objects=True)
+
+
+def load_torch(path: str | Path):
+    """``torch.load(path, map_location='cpu', weights_only=True)``; any failure is
+    :class:`UnreadableFile` with a one-line reason."""
+    try:
+        with warnings.catch_warnings():
+            # PyTorch warns on stderr about some pickle protocols; the caller reports in one line.
+            warnings.simplefilter("ignore")
+            return torch.load(Path(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise _refusal(e) from None
+    except Exception as e:
+        raise UnreadableFile(describe(e), holds_objects=False) from None
+
+
+def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file on the CPU; any failure is :class:`UnreadableFile`."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except Exception as e:
+        raise UnreadableFile(describe(e), holds_objects=False) from None

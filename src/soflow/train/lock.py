@@ -1,0 +1,82 @@
+"""One trainer per run folder: an advisory lock on `RUN/.lock`, held by the training process.
+
+The kernel drops an `flock` when its holder exits, however it exits (kill -9 included), so a lock
+left behind by a dead trainer never blocks the next one. The file also records who holds it
+(host, pid, start time), so a refused second trainer can name the holder, and a trainer that takes
+over a lock whose recorded holder is gone says so.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from .config import ConfigError
+
+LOCK_NAME = ".lock"
+
+
+class RunLock:
+    """`with RunLock(run_dir, warn):` holds the run folder for the block (or call acquire/release)."""
+
+    def __init__(self, run_dir: str | Path, warn=print):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.warn = warn
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # the folder is a file, or not writable: say so before any work starts
+            raise ConfigError(f"--run-dir {self.path.parent}: cannot write there ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _describe(_read(fd))
+            os.close(fd)
+            raise ConfigError(f"{self.path.parent}: another trainer is using this run folder ({holder}); "
+                              "wait for it to finish, stop it, or choose another --run-dir") from None
+        previous = _read(fd)
+        if previous:  # written by a trainer that exited without releasing (killed): its lock went with it
+            self.warn(f"warning: taking over the lock of a trainer that is gone ({_describe(previous)})")
+        record = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        os.ftruncate(self._fd, 0)  # an empty file means nobody holds the folder
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read(fd: int) -> dict:
+    raw = os.pread(fd, 4096, 0)
+    try:
+        record = json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        return {"unreadable": True}
+    return record if isinstance(record, dict) else {"unreadable": True}
+
+
+def _describe(record: dict) -> str:
+    if not record or record.get("unreadable"):
+        return "holder unknown"
+    return f"pid {record.get('pid')} on {record.get('host')}, since {record.get('started')}"
