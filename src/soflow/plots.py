@@ -1,4 +1,10 @@
-"""Figures of samples: scatter plots for 2-D points, grids for images."""
+"""Figures of samples: scatter plots for 2-D points, grids for images.
+
+Each figure can carry a title saying how its samples were drawn (`sample_title`), stored as the
+PNG's `Title` text entry (image viewers show it; PIL reads it as `Image.open(f).text["Title"]`).
+A scatter plot also shows it above its panels; an image grid keeps its pixels to the images
+alone, so that cell (r, c) is exactly rows r*H..(r+1)*H, columns c*W..(c+1)*W.
+"""
 
 from __future__ import annotations
 
@@ -17,26 +23,60 @@ def _pyplot():
     return plt
 
 
-def scatter_panels(path: Path, panels: dict[str, torch.Tensor], lim: float | None = None) -> Path:
-    """One scatter panel per entry (title -> [N, 2] points), same axes for all."""
+def sample_title(method: str, nfe: int, mode: str | None = None, step: int | None = None,
+                 guidance: float = 1.0, weights: str | None = None, label: int | None = None) -> str:
+    """How samples were drawn, e.g. "1 NFE, renoise, class 3, step 4000, EMA weights".
+
+    `mode` None stands for each method's default sampler (as in `soflow.sampling.generate`):
+    renoise for soflow, chain for meanflow, euler for flow matching.  For flow matching `nfe` counts
+    ODE steps; Heun's method spends two evaluations on each step but the last.
+    """
+    if mode is None:
+        mode = {"meanflow": "chain", "flow_matching": "euler"}.get(method, "renoise")
+    if mode == "heun":
+        parts = [f"{2 * nfe - 1} NFE", f"heun, {plural(nfe, 'step')}"]
+    else:
+        parts = [f"{nfe} NFE", mode]
+    if label is not None:
+        parts.append(f"class {label}")
+    if guidance != 1.0:
+        parts.append(f"guidance {guidance:g}")
+    if step is not None:
+        parts.append(f"step {step}")
+    if weights:
+        parts.append("EMA weights" if weights == "ema" else f"{weights} weights")
+    return ", ".join(parts)
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 step', '2 steps' (nouns with a plain -s plural)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def scatter_panels(path: Path, panels: dict[str, torch.Tensor], lim: float | None = None,
+                   title: str | None = None) -> Path:
+    """One scatter panel per entry (panel title -> [N, 2] points), same axes for all; `title` goes
+    above the panels and into the PNG's Title entry."""
     plt = _pyplot()
     arrays = {k: v.detach().float().cpu().numpy() for k, v in panels.items()}
     if lim is None:
         ref = next(iter(arrays.values()))
         lim = float(np.abs(ref).max()) * 1.15 + 1e-6
     fig, axes = plt.subplots(1, len(arrays), figsize=(3.2 * len(arrays), 3.4), squeeze=False)
-    for ax, (title, pts) in zip(axes[0], arrays.items()):
+    for ax, (name, pts) in zip(axes[0], arrays.items()):
         ax.scatter(pts[:, 0], pts[:, 1], s=1.5, alpha=0.5, linewidths=0)
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(name, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata={"Title": title} if title else None)
     plt.close(fig)
     return path
 
@@ -47,8 +87,10 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
-def image_grid(path: Path, images: torch.Tensor, rows: int | None = None) -> Path:
+def image_grid(path: Path, images: torch.Tensor, rows: int | None = None, title: str | None = None) -> Path:
+    """Images [N, C, H, W] in [-1, 1] as a grid, row by row; `title` goes into the PNG's Title entry."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     arr = to_uint8(images)
     n, h, w, c = arr.shape
@@ -58,7 +100,12 @@ def image_grid(path: Path, images: torch.Tensor, rows: int | None = None) -> Pat
     for i in range(n):
         r, q = divmod(i, cols)
         canvas[r * h:(r + 1) * h, q * w:(q + 1) * w] = arr[i]
+    image = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    info = None
+    if title:
+        info = PngInfo()
+        info.add_text("Title", title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(path)
+    image.save(path, pnginfo=info)
     return path

@@ -56,14 +56,15 @@ def _refusal(e: BaseException) -> UnreadableFile:
                           "saved with torch.save are read", holds_objects=True)
 
 
-def load_torch(path: str | Path):
+def load_torch(path: str | Path, mmap: bool = False):
     """``torch.load(path, map_location='cpu', weights_only=True)``; any failure is
-    :class:`UnreadableFile` with a one-line reason."""
+    :class:`UnreadableFile` with a one-line reason.  mmap=True maps the tensors instead of reading
+    them (for files opened only for their plain values)."""
     try:
         with warnings.catch_warnings():
             # PyTorch warns on stderr about some pickle protocols; the caller reports in one line.
             warnings.simplefilter("ignore")
-            return torch.load(Path(path), map_location="cpu", weights_only=True)
+            return torch.load(Path(path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise _refusal(e) from None
     except Exception as e:

@@ -15,6 +15,7 @@ was drawn in.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import Tensor
@@ -47,6 +48,39 @@ def _network(model: SolutionFlow, x: Tensor, t: Tensor, s: Tensor, labels, guida
     cond, uncond = model.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([s, s]),
                              torch.cat([labels, null])).to(x.dtype).chunk(2)
     return uncond + guidance * (cond - uncond)
+
+
+def has_null_class(net: torch.nn.Module) -> bool:
+    """Whether the network has an input for "no class", the unconditional F of guidance.  The DiT and
+    the MLP get an extra row in their class table only when trained with label dropout
+    (cfg_drop_rate > 0); the U-Net's null class is the all-zero class vector, always present."""
+    table = getattr(getattr(net, "y_embedder", None), "embedding_table", None)  # DiT
+    if table is None:
+        table = getattr(net, "label", None)  # MLP
+    if isinstance(table, torch.nn.Embedding):
+        return table.num_embeddings > net.num_classes
+    return True
+
+
+def guidance_problem(model: SolutionFlow, guidance: float, trained_with_dropout: bool | None = None) -> str | None:
+    """Why `model` cannot be sampled with this guidance scale, or None.  `trained_with_dropout`, when
+    the run's config is known, also catches a null class that exists but was never trained (U-Net)."""
+    if guidance == 1.0:
+        return None
+    if not math.isfinite(guidance):
+        return "the scale must be a finite number"
+    if not model.num_classes:
+        return "the model is unconditional, so there is no class to guide towards; use 1 (no guidance)"
+    if trained_with_dropout is False or not has_null_class(model.net):
+        return ("the model was trained without label dropout (cfg_drop_rate 0), so it has no unconditional "
+                "(null) class and cannot be guided; use 1 (no guidance)")
+    return None
+
+
+def _check_guidance(model: SolutionFlow, guidance: float) -> None:
+    problem = guidance_problem(model, guidance)
+    if problem:
+        raise ValueError(f"guidance {guidance}: {problem}")
 
 
 def _solution(model: SolutionFlow, x: Tensor, t: float, s: float, labels, guidance: float) -> Tensor:
@@ -122,6 +156,7 @@ def sample(model: SolutionFlow, n: int, nfe: int = 1, *, seed: int = 0, labels=N
         raise ValueError(f"nfe must be >= 1, got {nfe}")
     if mode not in MODES:
         raise ValueError(f"unknown sampling mode {mode!r}; choose one of {', '.join(MODES)}")
+    _check_guidance(model, guidance)
     draws = nfe if mode == "renoise" else 1
     return _in_batches(model, n, draws, seed, labels, batch_size, first_index, device,
                        lambda noise, y: run_sampler(model, noise, nfe, y, mode, guidance))
@@ -169,6 +204,7 @@ def ode_sample(model: SolutionFlow, n: int, steps: int, *, method: str = "euler"
         raise ValueError(f"steps must be >= 1, got {steps}")
     if method not in ODE_METHODS:
         raise ValueError(f"unknown ODE method {method!r}; choose one of {', '.join(ODE_METHODS)}")
+    _check_guidance(model, guidance)
     return _in_batches(model, n, 1, seed, labels, batch_size, first_index, device,
                        lambda noise, y: run_ode(model, noise[:, 0], steps, y, method, guidance))
 

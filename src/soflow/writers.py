@@ -11,6 +11,7 @@ only once it is complete.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import zipfile
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from numpy.lib import format as npy_format
 
-from .plots import image_grid, scatter_panels, to_uint8
+from .plots import image_grid, plural, scatter_panels, to_uint8
 
 COPY_BLOCK = 16 << 20  # bytes per read when parts are copied into the output
 
@@ -56,7 +57,8 @@ class SampleOutput:
     """One output of `num` samples written by `world` ranks.  `token`, the same on every rank and
     unique to the invocation, names the temporary files next to the output."""
 
-    def __init__(self, out, sample_shape, num: int, world: int, batch_size: int, token: str):
+    def __init__(self, out, sample_shape, num: int, world: int, batch_size: int, token: str,
+                 title: str | None = None):
         if num < 1:
             raise ValueError(f"--num must be >= 1, got {num}")
         if batch_size < 1:
@@ -65,6 +67,7 @@ class SampleOutput:
         self.kind = output_kind(self.out, tuple(sample_shape))
         self.num, self.world, self.batch_size, self.token = num, world, batch_size, token
         self.images = len(sample_shape) == 3
+        self.title = title  # of a .png figure: how the samples were drawn
 
     # names -----------------------------------------------------------------------------------
     def range(self, rank: int) -> tuple[int, int]:
@@ -91,7 +94,8 @@ class SampleOutput:
                                  "name (old images would mix with the new ones)")
         elif self.out.is_dir():
             raise ValueError(f"--out {self.out}: is a folder; give a file name ending in .{self.kind}")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
+        with failed_writes_as_errors(self.out.parent):
+            self.out.parent.mkdir(parents=True, exist_ok=True)
 
     def writer(self, rank: int):
         """The object that takes this rank's samples, chunk by chunk, in index order."""
@@ -104,22 +108,23 @@ class SampleOutput:
     # assembling (rank 0, after every rank closed its writer) ------------------------------------
     def assemble(self) -> Path:
         try:
-            if self.kind == "folder":
-                self._check_folder()
-                os.replace(self.staging, self.out)  # onto a missing or empty folder
-            else:
-                parts = self._parts()
-                if self.kind == "png":
-                    self._plot(parts)
+            with failed_writes_as_errors(self.out):
+                if self.kind == "folder":
+                    self._check_folder()
+                    os.replace(self.staging, self.out)  # onto a missing or empty folder
                 else:
-                    with open(self.staging, "wb") as f:
-                        if self.kind == "npz":
-                            self._zip(f, parts)
-                        else:
-                            _copy_parts(f, parts)
-                        f.flush()
-                        os.fsync(f.fileno())
-                os.replace(self.staging, self.out)
+                    parts = self._parts()
+                    if self.kind == "png":
+                        self._plot(parts)
+                    else:
+                        with open(self.staging, "wb") as f:
+                            if self.kind == "npz":
+                                self._zip(f, parts)
+                            else:
+                                _copy_parts(f, parts)
+                            f.flush()
+                            os.fsync(f.fileno())
+                    os.replace(self.staging, self.out)
         finally:
             self.discard()
         return self.out
@@ -166,9 +171,9 @@ class SampleOutput:
         """Grid or scatter: meant for small N, so the samples are loaded whole, on rank 0 only."""
         x = torch.from_numpy(np.concatenate([np.load(path) for path, *_ in parts]))
         if self.images:
-            image_grid(self.staging, x)
+            image_grid(self.staging, x, title=self.title)
         else:
-            scatter_panels(self.staging, {f"{len(x)} samples": x[:, :2]})
+            scatter_panels(self.staging, {plural(len(x), "sample"): x[:, :2]}, title=self.title)
 
     def _check_folder(self) -> None:
         found = sum(1 for _ in self.staging.glob("*.png")) if self.staging.is_dir() else 0
@@ -195,20 +200,27 @@ class _PartFile:
 
     def write(self, x: torch.Tensor) -> None:
         arr = np.ascontiguousarray(self.to_array(x))
-        if self.file is None:
-            self.file = open(self.path, "wb")
-            npy_format.write_array_header_1_0(self.file, {"descr": npy_format.dtype_to_descr(arr.dtype),
-                                                          "fortran_order": False,
-                                                          "shape": (self.count, *arr.shape[1:])})
-        self.file.write(arr.tobytes())
+        with failed_writes_as_errors(self.path):
+            if self.file is None:
+                self.file = open(self.path, "wb")
+                npy_format.write_array_header_1_0(self.file, {"descr": npy_format.dtype_to_descr(arr.dtype),
+                                                              "fortran_order": False,
+                                                              "shape": (self.count, *arr.shape[1:])})
+            self.file.write(arr.tobytes())
         self.written += len(arr)
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, value, tb) -> None:
-        if self.file is not None:
-            self.file.close()
+        try:
+            if self.file is not None:
+                with failed_writes_as_errors(self.path):
+                    self.file.close()  # flushes the last bytes: a full disk can show here first
+        except ValueError:
+            self.path.unlink(missing_ok=True)
+            if kind is None:
+                raise
         if kind is not None:
             self.path.unlink(missing_ok=True)
         elif self.written != self.count:
@@ -221,14 +233,17 @@ class _PngFiles:
 
     def __init__(self, folder: Path, first: int, last: int):
         self.folder, self.first, self.next, self.last = folder, first, first, last
-        folder.mkdir(parents=True, exist_ok=True)
+        with failed_writes_as_errors(folder):
+            folder.mkdir(parents=True, exist_ok=True)
 
     def write(self, x: torch.Tensor) -> None:
         from PIL import Image
 
         for img in to_uint8(x):
-            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(self.folder / f"{self.next:06d}.png")
-            self.next += 1
+            path = self.folder / f"{self.next:06d}.png"
+            self.next += 1  # counted before the write, so a failed one is taken back too
+            with failed_writes_as_errors(path):
+                Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(path)
 
     def __enter__(self):
         return self
@@ -237,6 +252,31 @@ class _PngFiles:
         if kind is not None:  # take back this rank's files; rank 0 removes the folder itself
             for i in range(self.first, self.next):
                 (self.folder / f"{i:06d}.png").unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def failed_writes_as_errors(path):
+    """An OSError while writing `path` (a full disk, a missing permission) as one ValueError line,
+    which the command line prints as it is."""
+    try:
+        yield
+    except OSError as e:
+        raise ValueError(f"could not write {path}: {e.strerror or e}") from None
+
+
+def write_figure(path: str | Path, draw, *args, **kwargs) -> Path:
+    """`draw(file, *args, **kwargs)` (a figure function of soflow.plots) into a temporary file next
+    to `path`, then renamed over it, so a figure is never seen half-written.  The temporary name
+    keeps the suffix, from which PIL and matplotlib choose the format.  An OSError is one line."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        with failed_writes_as_errors(path):
+            draw(tmp, *args, **kwargs)
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def _read_header(path: Path) -> tuple[int, tuple, np.dtype]:

@@ -86,7 +86,7 @@ def encode_latents(images, vae_path: str, out: str | Path, rank: int = 0, world:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         written += 1
-        log(f"rank {rank}: shard {shard + 1}/{num_shards} ({len(idx)} images)")
+        log(f"rank {rank}: shard {shard + 1}/{num_shards} ({len(idx)} image{'' if len(idx) == 1 else 's'})")
     return written
 
 

@@ -1,20 +1,33 @@
 """Run checkpoints: atomic writes, tensors and plain values only, newest-valid resume, pruning,
-and safetensors exports with the config as metadata."""
+and safetensors exports with the config as metadata.
+
+Every file is written under a temporary name next to its destination (`.NAME.PID.tmp`), flushed
+to disk and renamed over the destination, so a reader sees the old file or the new one, never a
+part.  A writer killed mid-write leaves its temporary file; the trainer removes those when it
+starts (it holds the run folder's lock then, so no other writer is alive).  A failed write (a
+full disk) is one CheckpointError naming the file and the system's reason.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import struct
 import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 FORMAT = "soflow-checkpoint-1"
 NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 REQUIRED = ("format", "step", "config", "sample_shape", "num_classes", "net", "ema", "optimizer", "rng")
+# Temporary names of the files a trainer writes: `.NAME.PID.tmp` (`written_atomically`) in
+# checkpoints/ and exports/, `.NAME.PID.tmp.png` (soflow.writers.write_figure) in samples/.
+TEMPORARY = re.compile(r"^\.(ckpt-\d+\.pt|best-fid\.pt|best-fid\.json|ema-\d+\.safetensors|step\d+(-nfe\d+)?\.png)"
+                       r"\.\d+\.tmp(\.png)?$")
+RUN_FOLDERS = ("checkpoints", "exports", "samples")
 
 
 class CheckpointError(ValueError):
@@ -32,24 +45,104 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file in the same folder, flush to disk, then rename over `path`."""
+# ---------------------------------------------------------------------------------------- writing
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+class _Recorded:
+    """A file whose first failed write is kept: torch.save's zip writer turns an OSError from
+    `write` into "unexpected pos ..." and drops the reason (a full disk, a quota)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e) or type(e).__name__
+
+
+@contextlib.contextmanager
+def written_atomically(path: Path, what: str):
+    """`with written_atomically(path, "checkpoint") as f: f.write(...)` puts the bytes at `path`
+    whole or not at all.  The file gets the mode of any new file (0666 less the umask).  Any
+    failure removes the temporary file; an OSError (also one raised inside a writer that hides
+    it, like torch.save) becomes one CheckpointError: "could not write <what> <path>: <reason>"."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temporary(path)
+    f = None
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as raw:
+            f = _Recorded(raw)
+            yield f
+            raw.flush()
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
+        _sync_folder(path.parent)
+    except OSError as e:
+        raise CheckpointError(f"could not write {what} {path}: {_reason(e)}") from e
+    except Exception:
+        if f is not None and f.error is not None:
+            raise CheckpointError(f"could not write {what} {path}: {_reason(f.error)}") from f.error
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def _sync_folder(folder: Path) -> None:
+    """Make a rename durable (a crash of the machine, not just of the process, keeps it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a folder; the rename itself has happened
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj, path: Path, what: str = "checkpoint") -> None:
+    """torch.save `obj` to `path` atomically (see `written_atomically`)."""
+    with written_atomically(path, what) as f:
+        torch.save(obj, f)
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the temporary files that killed writers left in the run folder; only for a process
+    that holds the run folder's lock (no other writer can be alive).  Returns what was removed."""
+    removed = []
+    for name in RUN_FOLDERS:
+        folder = Path(run_dir) / name
+        for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if TEMPORARY.match(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
 def save_checkpoint(run_dir: Path, state: dict, keep_last: int, keep_every: int) -> Path:
     path = checkpoint_dir(run_dir) / f"ckpt-{state['step']:08d}.pt"
-    atomic_save({"format": FORMAT, **state}, path)
+    try:
+        atomic_save({"format": FORMAT, **state}, path)
+    except CheckpointError as e:
+        kept = list_checkpoints(run_dir)  # the failed write replaced none of them
+        last = f"the last good checkpoint is step {kept[0][0]} ({kept[0][1]})" if kept else "no checkpoint was written"
+        raise CheckpointError(f"{e}; {last}") from e.__cause__
     prune(run_dir, keep_last, keep_every, protect=path)
     return path
 
@@ -110,44 +203,67 @@ def save_best_fid(run_dir: Path, state: dict, record: dict) -> Path:
     (step, metric, score, ...); both replace the previous ones atomically.  The checkpoint carries
     `record` itself under "fid", so it is the one source of the best score on resume."""
     path, summary = best_fid_paths(run_dir)
-    atomic_save({"format": FORMAT, **state, "fid": record}, path)
-    tmp = summary.with_name(f".{summary.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps({**record, "checkpoint": path.name}, indent=1) + "\n")
-        os.replace(tmp, summary)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_save({"format": FORMAT, **state, "fid": record}, path, what="best-FID checkpoint")
+    with written_atomically(summary, "best-FID summary") as f:
+        f.write((json.dumps({**record, "checkpoint": path.name}, indent=1) + "\n").encode())
     return path
 
 
 def read_best_fid(run_dir: Path) -> dict | None:
     """The "fid" record of checkpoints/best-fid.pt, or None when the run has none.  The file is
     memory-mapped, so its weights are not read."""
-    from ..safeload import describe
+    from ..safeload import UnreadableFile, load_torch
 
     path, _ = best_fid_paths(run_dir)
     if not path.is_file():
         return None
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: unreadable ({describe(e)})") from None
+        blob = load_torch(path, mmap=True)
+    except UnreadableFile as e:
+        reason = f"not a soflow run checkpoint: {e}" if e.holds_objects else f"unreadable ({e})"
+        raise CheckpointError(f"{path}: {reason}") from None
     record = blob.get("fid") if isinstance(blob, dict) else None
     if not isinstance(record, dict) or not isinstance(record.get("score"), float):
         raise CheckpointError(f"{path}: no FID record in it")
     return record
 
 
+# safetensors dtype names (https://github.com/huggingface/safetensors, format section of its README)
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
+
+
 def export_safetensors(path: Path, state: dict, config: dict, step: int, sample_shape, num_classes: int) -> Path:
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"config": json.dumps(config), "step": str(step), "format": FORMAT,
-                                               "sample_shape": json.dumps(list(sample_shape)),
-                                               "num_classes": str(num_classes)})
-    os.replace(tmp, path)
-    return path
+    """The tensors of `state` as a safetensors file with the run's config as metadata, written
+    atomically (like checkpoints) and tensor by tensor, so no second copy of the weights is made."""
+    metadata = {"config": json.dumps(config), "step": str(step), "format": FORMAT,
+                "sample_shape": json.dumps(list(sample_shape)), "num_classes": str(num_classes)}
+    with written_atomically(path, "export") as f:
+        write_safetensors(f, state, metadata)
+    return Path(path)
+
+
+def write_safetensors(f, state: dict, metadata: dict) -> None:
+    """The safetensors layout: an 8-byte little-endian header size, a JSON header (padded with
+    spaces to a multiple of 8 bytes) giving each tensor's dtype, shape and byte range, then the
+    tensors' bytes back to back.  Tensors go widest dtype first, then by name (safetensors' own
+    order), so each one starts at a multiple of its element size and can be memory-mapped."""
+    tensors = sorted(((k, v.detach()) for k, v in state.items()), key=lambda kv: (-kv[1].element_size(), kv[0]))
+    header, offset = {"__metadata__": metadata}, 0
+    for name, t in tensors:
+        if t.dtype not in _DTYPES:
+            raise CheckpointError(f"export: tensor {name} has dtype {t.dtype}, which soflow does not export")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for _, t in tensors:
+        flat = t.cpu().contiguous().reshape(-1)
+        f.write(memoryview(flat.view(torch.uint8).numpy()))
 
 
 def stderr(msg: str) -> None:

@@ -7,6 +7,8 @@ The reference implementation's flat YAML files are recognised and translated (`f
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -89,6 +91,7 @@ class TrainConfig:
     sample_num: int = 1000
     sample_nfe: list = field(default_factory=lambda: [1, 2])
     tensorboard: bool = False
+    threads: int = 0  # intra-op CPU threads; 0: one for small networks, every core for large ones
     # FID of EMA samples during training (soflow.eval.training_fid); the first NFE picks best-fid.pt.
     fid_every: int = 0  # every N steps and at the last step (0: off)
     fid_num: int = 50_000  # samples per score, spread over the ranks
@@ -251,13 +254,24 @@ def validate(cfg: Config, guidance: bool = True) -> Config:
         canonical_name(cfg.model.net)
     except ValueError:
         raise ConfigError(f"model.net: unknown network {cfg.model.net!r}; choose one of {', '.join(sorted(REGISTRY))}") from None
+    _validate_finite(cfg)
     t, o = cfg.train, cfg.objective
     positive = {"train.total_steps": t.total_steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
                 "train.checkpoint_every": t.checkpoint_every, "train.log_every": t.log_every,
-                "train.ema_every": t.ema_every, "train.keep_last": t.keep_last, "train.lr": t.lr}
+                "train.ema_every": t.ema_every, "train.keep_last": t.keep_last, "train.lr": t.lr,
+                "train.sample_num": t.sample_num, "data.resolution": cfg.data.resolution,
+                # the adaptive weights 1 / (mse + eps)^p stay finite and positive only for eps > 0
+                "objective.eps": o.eps, "meanflow.c": cfg.meanflow.c, "flow_matching.eps": cfg.flow_matching.eps,
+                "meanflow.time_std": cfg.meanflow.time_std, "flow_matching.time_std": cfg.flow_matching.time_std}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
+    non_negative = {"objective.p": o.p, "meanflow.p": cfg.meanflow.p, "flow_matching.p": cfg.flow_matching.p,
+                    "train.weight_decay": t.weight_decay, "train.keep_every": t.keep_every,
+                    "train.sample_every": t.sample_every, "data.num_workers": cfg.data.num_workers}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be 0 or more, got {value}")
     ranges = {"objective.velocity_loss_ratio": o.velocity_loss_ratio, "objective.cfg_drop_rate": o.cfg_drop_rate,
               "data.augment_p": cfg.data.augment_p,
               "objective.mix_ratio": o.mix_ratio, "train.ema_decay": t.ema_decay}
@@ -268,8 +282,13 @@ def validate(cfg: Config, guidance: bool = True) -> Config:
         v = getattr(o, key)
         if len(v) != 3 or not all(_type_ok(x, float) for x in v):
             raise ConfigError(f"objective.{key}: expected 3 numbers [flow-matching t, consistency s, consistency t], got {v!r}")
+    if not all(x > 0 for x in o.time_std):
+        raise ConfigError(f"objective.time_std: the logit-normal spreads must be positive, got {o.time_std!r}")
+    _validate_middle_ratio(o)
     if len(t.betas) != 2 or not all(_type_ok(x, float) for x in t.betas):
         raise ConfigError(f"train.betas: expected two numbers, got {t.betas!r}")
+    if not all(0 <= x < 1 for x in t.betas):
+        raise ConfigError(f"train.betas: Adam's decay rates must lie in [0, 1), got {t.betas!r}")
     for key in ("meanflow", "flow_matching"):  # re-run the loss's own checks on the set values
         section = getattr(cfg, key)
         try:
@@ -282,6 +301,8 @@ def validate(cfg: Config, guidance: bool = True) -> Config:
         raise ConfigError("train.fsdp: not supported with method=meanflow (its JVP runs on the unwrapped network)")
     if not t.sample_nfe or not all(_type_ok(x, int) and x >= 1 for x in t.sample_nfe):
         raise ConfigError(f"train.sample_nfe: expected a list of positive integers, got {t.sample_nfe!r}")
+    if t.threads < 0:
+        raise ConfigError(f"train.threads: must be 0 (choose by network size) or a positive count, got {t.threads}")
     _validate_fid(cfg)
     from ..data import DATASETS
 
@@ -290,6 +311,45 @@ def validate(cfg: Config, guidance: bool = True) -> Config:
     if guidance and cfg.method == "soflow":
         _validate_guidance(cfg)
     return cfg
+
+
+def _first_non_finite(value, key: str):
+    """(dotted key, value) of the first nan or infinite number in `value`, searching nested mappings
+    and lists (net_args included), or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (key, value)
+    if isinstance(value, dict):
+        items = ((f"{key}.{k}" if key else str(k), v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{key}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for sub_key, sub in items:
+        found = _first_non_finite(sub, sub_key)
+        if found:
+            return found
+    return None
+
+
+def _validate_finite(cfg: Config) -> None:
+    """No setting means anything as nan or infinity, and nan would slip through every range check below."""
+    found = _first_non_finite(cfg.to_dict(), "")
+    if found:
+        raise ConfigError(f"{found[0]}: must be a finite number, got {found[1]}")
+
+
+def _validate_middle_ratio(o: ObjectiveConfig) -> None:
+    """r(k, K) places the middle time l = t + (s - t) r between s (r = 1) and t (r = 0), so every
+    schedule needs r_init and r_end in [0, 1]; the exponent schedule r_init (r_end / r_init)^(k / K)
+    also divides by r_init and takes powers of the ratio, so both must be above 0."""
+    for key in ("r_init", "r_end"):
+        value = getattr(o, key)
+        if not 0 <= value <= 1:
+            raise ConfigError(f"objective.{key}: must lie in [0, 1] (the middle time sits between s and t), "
+                              f"got {value}")
+        if str(o.schedule).lower() == "exponent" and value == 0:
+            raise ConfigError(f"objective.{key}: the exponent schedule needs r_init and r_end above 0, got 0; "
+                              "use a small positive value or objective.schedule=linear")
 
 
 def _validate_fid(cfg: Config) -> None:
@@ -326,15 +386,25 @@ def preset_names() -> list[str]:
 
 def read_yaml(source: str) -> dict:
     path = Path(source)
+    if path.is_dir():
+        raise ConfigError(f"--config {source}: is a folder; give a YAML file or a preset name")
     if not path.is_file():
         if (PRESET_DIR / f"{source}.yaml").is_file():
             path = PRESET_DIR / f"{source}.yaml"
         else:
             raise ConfigError(f"--config {source!r}: no such file or preset; presets: {', '.join(preset_names())}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a YAML file (not UTF-8 text); give a YAML config or a preset name") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:  # an empty file (or only comments) would silently train on every default
+        raise ConfigError(f"{path}: the file is empty; a config is a YAML mapping of keys (see the presets)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
@@ -360,6 +430,45 @@ def load(source: str | None = None, overrides: list[str] = (), base: dict | None
 
 def dump(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------- paths a command will write to
+
+RUN_FOLDERS = ("checkpoints", "exports", "samples")  # created by training when first needed
+RUN_FILES = ("config.yaml", "log.txt", "metrics.jsonl")  # rewritten or appended to at every start
+
+
+def unwritable(folder: str | Path) -> str | None:
+    """Why files cannot be created in `folder` (when it does not exist yet: in the nearest existing
+    folder above it, where it would be created), or None when they can.  Checked up front so that a
+    command fails before its work rather than when it first saves."""
+    probe = Path(folder)
+    while not (probe.exists() or probe.is_symlink()) and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is {'a file, not a folder' if probe.is_file() else 'not a folder'}"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
+
+
+def check_run_dir(run_dir: str | Path) -> None:
+    """Refuse, before any training step, a run folder whose checkpoints, exports, samples or logs
+    could not be written (a read-only folder, or a file where a folder belongs)."""
+    run_dir = Path(run_dir)
+    problem = unwritable(run_dir)
+    for name in RUN_FOLDERS:
+        sub = run_dir / name
+        if problem is None and (sub.exists() or sub.is_symlink()):
+            problem = unwritable(sub)
+    for name in RUN_FILES:
+        file = run_dir / name
+        if problem is None and file.is_dir():
+            problem = f"{file} is a folder, not a file"
+        elif problem is None and file.exists() and not os.access(file, os.W_OK):
+            problem = f"{file} is not writable"
+    if problem:
+        raise ConfigError(f"--run-dir {run_dir}: cannot write the run there: {problem}")
 
 
 # ---------------------------------------------------------------- the reference implementation's YAML

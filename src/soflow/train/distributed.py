@@ -8,6 +8,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+
 
 @dataclass
 class Env:
@@ -30,9 +34,14 @@ def setup(device_pref: str = "auto") -> Env:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    device_pref = str(device_pref).lower()  # train.device is validated without regard to case
+    if device_pref not in DEVICES:
+        raise ConfigError(f"device {device_pref!r}: choose one of {', '.join(DEVICES)} "
+                          "(train.device, or --device of the command)")
     use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible")
+        raise ConfigError("device cuda (train.device or --device) was asked for, but this process sees no CUDA "
+                          "device (a CPU-only torch build, or CUDA_VISIBLE_DEVICES empty); use cpu or auto")
     device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)

@@ -22,13 +22,16 @@ from ..sampling import generate
 from ..data.augment import AugmentPipe
 from ..eval.training_fid import TrainingFID
 from ..seeding import derive_seed, generator
+from ..threads import configure_threads
 from . import distributed, parallel
 from .build import build_flow, build_objective, build_optimizer
-from .checkpoint import export_safetensors, latest_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, export_safetensors, latest_checkpoint, remove_stale_temporaries,
+                         save_checkpoint)
 from .config import Config, ConfigError, dump
 from .ema import EMA
+from .load import check_tensors
 from .lock import RunLock
-from .runlog import RunLog
+from .runlog import RunLog, plural
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -70,8 +73,8 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 def per_rank_batch(cfg: Config, world: int) -> int:
     t = cfg.train
     if t.batch_size % (world * t.grad_accum):
-        raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by {world} ranks x "
-                          f"{t.grad_accum} accumulation steps")
+        raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by {plural(world, 'rank')} x "
+                          f"{plural(t.grad_accum, 'accumulation step')}")
     return t.batch_size // (world * t.grad_accum)
 
 
@@ -117,10 +120,18 @@ def _train(cfg: Config, env, run_dir: Path, stop_after: int | None, on_step) -> 
     fid = TrainingFID(cfg, data, env, run_dir, log) if t.fid_every else None  # its files fail here, not later
     torch.manual_seed(t.seed)
     flow = build_flow(cfg, data.sample_shape, data.num_classes).to(env.device)
+    threads = configure_threads(t.threads, flow.net, env.device)
     ema = EMA(flow.net, t.ema_decay, t.ema_every, t.ema_float64)
+    if env.is_main:  # holds the run folder's lock: a temporary file there is a killed writer's
+        stale = remove_stale_temporaries(run_dir)
+        if stale:
+            log.info(f"removed {plural(len(stale), 'temporary file')} of interrupted writes ({stale[0].name}"
+                     f"{', ...' if len(stale) > 1 else ''})")
     resumed = latest_checkpoint(run_dir, warn=log.warn if env.is_main else (lambda m: None),
                                 quarantine=env.is_main)
-    if resumed is not None:
+    if resumed is not None:  # a checkpoint of another network is one line naming the settings that differ
+        check_tensors(flow.net, resumed["net"], resumed["path"], resumed["config"], cfg.to_dict())
+        check_tensors(ema.model, resumed["ema"], resumed["path"], resumed["config"], cfg.to_dict())
         flow.net.load_state_dict(resumed["net"])
         ema.load_state_dict(resumed["ema"])
     through_ddp = cfg.method != "meanflow"  # MeanFlow's JVP runs on the bare network
@@ -131,13 +142,15 @@ def _train(cfg: Config, env, run_dir: Path, stop_after: int | None, on_step) -> 
 
     step = 0
     if resumed is not None:
+        applied = []
         if resumed["optimizer"]:  # converted reference runs come without one
             parallel.load_optimizer(flow.net, optimizer, resumed["optimizer"])
+            applied = _apply_optimizer_settings(optimizer)
         step = int(resumed["step"])
         rng = resumed["rng"]
         if len(rng) != env.world:
             if rng:
-                log.warn(f"warning: checkpoint written by {len(rng)} ranks, resuming on {env.world}: "
+                log.warn(f"warning: checkpoint written by {plural(len(rng), 'rank')}, resuming on {env.world}: "
                          "random streams restart, so the run will not repeat an uninterrupted one exactly")
             torch.manual_seed(derive_seed(t.seed, env.rank, step))
         else:
@@ -146,7 +159,11 @@ def _train(cfg: Config, env, run_dir: Path, stop_after: int | None, on_step) -> 
         changed = _config_changes(resumed["config"], cfg.to_dict())
         if changed:
             log.warn(f"warning: config differs from the checkpoint's in {', '.join(changed)}")
+        if applied:
+            log.info(f"optimizer settings of the config applied over the checkpoint's: {', '.join(applied)}")
     log.save_config(dump(cfg))
+    if env.device.type == "cpu":
+        log.info(f"cpu: {threads} intra-op thread{'' if threads == 1 else 's'} per process (train.threads={t.threads})")
 
     dtype = AUTOCAST[t.precision]
     scaler = torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16")
@@ -163,7 +180,7 @@ def _train(cfg: Config, env, run_dir: Path, stop_after: int | None, on_step) -> 
     last_saved = step if resumed is not None else None
     stopped = None
     try:
-        progress = log.progress(step, t.total_steps)
+        progress = log.start(cfg, step, flow.net, env.device, env.world)
         while step < t.total_steps:
             flow.train()
             for micro in range(t.grad_accum):
@@ -199,7 +216,7 @@ def _train(cfg: Config, env, run_dir: Path, stop_after: int | None, on_step) -> 
 
             fid_due = fid is not None and fid.due(step, t.total_steps)
             boundary = step % t.log_every == 0 or step % t.checkpoint_every == 0 or step == t.total_steps or fid_due
-            halt = stop_after is not None and step - started >= stop_after
+            halt = stop_after is not None and step - started >= stop_after and step < t.total_steps
             signalled = stop_flag.poll(stop.raised)
             if boundary or halt or signalled:
                 _check_finite(first_bad, t.total_steps, last_saved, run_dir)
@@ -269,16 +286,43 @@ def _peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
+# Optimizer settings that come from the config: train.lr, train.betas, train.weight_decay, and
+# train.optimizer (AdamW decouples its weight decay, RAdam does not).
+CONFIGURED = ("lr", "betas", "weight_decay", "decoupled_weight_decay")
+
+
+def _apply_optimizer_settings(optimizer) -> list[str]:
+    """Put the settings the optimizer was built with (the config's) back into every parameter
+    group once its state is loaded: load_state_dict restores the values the checkpoint was saved
+    with, so a resume with changed settings would silently keep the old ones.  Returns
+    "name old -> new" for each setting that changed."""
+    applied = []
+    for name in (n for n in CONFIGURED if n in optimizer.defaults):
+        value = optimizer.defaults[name]
+        before = {tuple(g[name]) if isinstance(g.get(name), list) else g.get(name) for g in optimizer.param_groups}
+        if before != {value}:
+            applied.append(f"{name} {', '.join(map(str, before))} -> {value}")
+        for group in optimizer.param_groups:
+            group[name] = value
+    return applied
+
+
 def _save(env, run_dir, cfg, flow, ema, optimizer, step) -> None:
     rng = distributed.all_gather_objects(env, _rng_state(env.device))
     net_state, optimizer_state = parallel.full_state(flow.net, optimizer)
     ema_state, _ = parallel.full_state(ema.model)
+    failed = None
     if env.is_main:
         state = {"step": step, "config": cfg.to_dict(), "sample_shape": list(flow.net.sample_shape),
                  "num_classes": flow.num_classes, "net": net_state, "ema": ema_state, "optimizer": optimizer_state,
                  "rng": [{k: v.cpu() for k, v in r.items()} for r in rng], "world_size": env.world}
-        save_checkpoint(run_dir, state, cfg.train.keep_last, cfg.train.keep_every)
-    distributed.barrier(env)
+        try:
+            save_checkpoint(run_dir, state, cfg.train.keep_last, cfg.train.keep_every)
+        except CheckpointError as e:
+            failed = str(e)
+    failed = distributed.all_gather_objects(env, failed)[0]  # also the barrier: every rank stops on a failed write
+    if failed:
+        raise CheckpointError(failed)
 
 
 def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -295,7 +339,8 @@ def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 def write_samples(cfg: Config, flow, data, folder: Path, step: int, log, env) -> list[Path]:
     """EMA samples with fixed seeds at each configured NFE: a scatter plot for 2-D data, an image
     grid (one row per class) otherwise.  Sharded models sample on every rank; rank 0 writes."""
-    from ..plots import image_grid, scatter_panels
+    from ..plots import image_grid, sample_title, scatter_panels
+    from ..writers import write_figure
 
     if not (env.is_main or parallel.is_sharded(flow.net)):
         return []
@@ -303,9 +348,10 @@ def write_samples(cfg: Config, flow, data, folder: Path, step: int, log, env) ->
     if len(data.sample_shape) == 1:
         n = cfg.train.sample_num
         panels = {"data": data.reference(n)}
-        panels.update({f"{nfe}-NFE": generate(cfg.method, flow, n, nfe, seed=seed)[:, :2].cpu()
+        panels.update({sample_title(cfg.method, nfe): generate(cfg.method, flow, n, nfe, seed=seed)[:, :2].cpu()
                        for nfe in cfg.train.sample_nfe})
-        paths = [scatter_panels(folder / f"step{step:08d}.png", panels)] if env.is_main else []
+        paths = [write_figure(folder / f"step{step:08d}.png", scatter_panels, panels,
+                              title=f"step {step}, EMA weights")] if env.is_main else []
     else:
         classes = torch.linspace(0, k - 1, min(k, 10)).round().long() if k else None  # at most 10 rows
         labels = classes.repeat_interleave(10) if k else None
@@ -318,8 +364,10 @@ def write_samples(cfg: Config, flow, data, folder: Path, step: int, log, env) ->
 
             vae = load_vae(cfg.data.vae, next(flow.parameters()).device)
             grids = {nfe: decode(vae, x) for nfe, x in grids.items()}
-        paths = [image_grid(folder / f"step{step:08d}-nfe{nfe}.png", x, rows=len(classes) if k else None)
+        paths = [write_figure(folder / f"step{step:08d}-nfe{nfe}.png", image_grid, x,
+                              rows=len(classes) if k else None,
+                              title=sample_title(cfg.method, nfe, step=step, weights="ema"))
                  for nfe, x in grids.items()] if env.is_main else []
     for p in paths:
-        log.info(f"samples: {p}")
+        log.samples(p)
     return paths

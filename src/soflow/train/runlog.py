@@ -1,4 +1,10 @@
-"""Run output: status lines (console + log.txt), metrics.jsonl, optional TensorBoard, progress bar."""
+"""Run output: status lines (console + log.txt), metrics.jsonl, optional TensorBoard, progress bar.
+
+What a run prints on stdout, terminal or not: one status line before the first step (what trains,
+where, how big, where the log is), then every `train.log_every` steps a metrics line with the step
+out of the total and the estimated time left, and the absolute path of every sample figure.  A
+terminal also gets a progress bar on stderr.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..plots import plural
 from .config import ConfigError
 
 
@@ -23,6 +30,8 @@ class RunLog:
         self.run_dir, self.enabled = Path(run_dir), enabled
         self.writer = None
         self._bar = None
+        self._total = None  # set by start(): metrics lines then show step/total and the time left
+        self._clock = None  # (step, time) at start(), for the time left
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -56,6 +65,21 @@ class RunLog:
         if self.enabled:
             (self.run_dir / "config.yaml").write_text(text)
 
+    def start(self, cfg, step: int, net, device, world: int = 1):
+        """Print the run's first status line, before any step (the first metrics line can be minutes
+        away), and return the progress bar of steps step..total."""
+        t = cfg.train
+        params = sum(p.numel() for p in net.parameters())
+        where = f"{world} x {device}" if world > 1 else str(device)
+        self.info(f"training {cfg.method} on {cfg.data.name} ({cfg.model.net}): step {step}/{t.total_steps} on "
+                  f"{where}, {params:,} parameters, batch {t.batch_size}; logs in {self.run_dir.resolve() / 'log.txt'}")
+        self._total, self._clock = t.total_steps, (step, time.perf_counter())
+        return self.progress(step, t.total_steps)
+
+    def samples(self, path) -> None:
+        """Say where a sample figure was written (absolute: the run may have been started elsewhere)."""
+        self.info(f"samples written to {Path(path).resolve()}")
+
     def progress(self, start: int, total: int):
         if not self.enabled or not sys.stderr.isatty():
             return _NoProgress()
@@ -78,7 +102,17 @@ class RunLog:
         last = ["grad_norm", "samples_per_s", "peak_memory_gb"]
         middle = [k for k in record if k not in first + last + ["step"]]
         parts = [f"{k} {record[k]:.4g}" for k in first + middle + last if k in record]
-        self.info(f"step {step} | " + " | ".join(parts))
+        self.info(f"{self._where(step)} | " + " | ".join(parts))
+
+    def _where(self, step: int) -> str:
+        """'step 500/4000, 1m 05s left' once start() knows the total (the rate is the mean since start)."""
+        if self._total is None:
+            return f"step {step}"
+        done, started = step - self._clock[0], self._clock[1]
+        text = f"step {step}/{self._total}"
+        if 0 < done and step < self._total:
+            text += f", {_duration((time.perf_counter() - started) / done * (self._total - step))} left"
+        return text
 
     def close(self) -> None:
         if not self.enabled:
@@ -90,3 +124,13 @@ class RunLog:
             self.writer.close()
         self._log.close()
         self._metrics.close()
+
+
+def _duration(seconds: float) -> str:
+    """'42s', '3m 05s', '2h 07m'."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s // 3600}h {s % 3600 // 60:02d}m"
