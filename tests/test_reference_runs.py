@@ -8,7 +8,6 @@ steps, and `torch.save` of {'model', 'ema_model', 'optimizer', 'finished_steps',
 
 import copy
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from soflow.reference import CheckpointError, convert_reference_run
 from soflow.train.checkpoint import list_checkpoints, read_checkpoint
 from soflow.train.config import ConfigError, load, preset_names
 from soflow.train.loop import train
+from test_data import write_cifar
 
 REFERENCE_STEPS = 3
 LR = 1e-3
@@ -104,16 +104,6 @@ def write_latents_hdf5(path: Path, n: int = 16) -> Path:
     return path
 
 
-def write_cifar(folder: Path, n: int = 4) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(1)
-    for name in [f"data_batch_{i}" for i in range(1, 6)]:
-        blob = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))}
-        with open(folder / name, "wb") as f:
-            pickle.dump(blob, f, protocol=2)
-    return folder
-
-
 def write_config(path: Path, setup: dict, data_path: Path, optimizer: str | None = None, lr: float = LR) -> Path:
     """A soflow config for the tiny network, with the reference recipe of its dataset."""
     cifar = setup["data"] == "cifar10"
@@ -135,7 +125,7 @@ def prepare(tmp_path: Path, name: str, **config_kw):
     setup = SETUPS[name]
     blob = write_reference_checkpoint(tmp_path / "reference.pt", setup)
     data = write_latents_hdf5(tmp_path / "latents" / "imagenet_latent.hdf5") if setup["data"] == "imagenet-latents" \
-        else write_cifar(tmp_path / "cifar")
+        else write_cifar(tmp_path / "cifar", n=4)
     config = write_config(tmp_path / "config.yaml", setup, data, **config_kw)
     return setup, blob, config
 

@@ -4,7 +4,10 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from helpers import TINY
+from soflow.train.load import load_run
 from soflow.threads import SMALL_NETWORK, available_cores, choose_threads
 
 
@@ -25,6 +28,17 @@ def _train_log(tmp_path, *extra):
     return (run / "log.txt").read_text()
 
 
-def test_trainer_uses_one_thread_for_the_toy_unless_set(tmp_path):
+def test_trainer_and_sampler_use_one_thread_for_the_toy_unless_set(tmp_path, monkeypatch):
     assert "cpu: 1 intra-op thread per process (train.threads=0)" in _train_log(tmp_path)
     assert "cpu: 2 intra-op threads per process (train.threads=2)" in _train_log(tmp_path, "--set", "train.threads=2")
+    # Opening a run for sampling or evaluation applies the run's choice too.
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        load_run(tmp_path / "run0")
+        assert torch.get_num_threads() == 1
+        load_run(tmp_path / "run2")  # trained with train.threads=2
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

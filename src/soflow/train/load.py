@@ -7,18 +7,24 @@ from pathlib import Path
 
 import torch
 
+from ..threads import configure_threads
 from .build import build_flow
 from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, read_checkpoint
 from .config import Config, load
 
 
 def load_run(path: str | Path, weights: str = "ema", device="cpu", warn=print):
-    """(config, SolutionFlow, step) with the EMA (default) or online weights."""
+    """(config, SolutionFlow, step) with the EMA (default) or online weights, on `device`, with the
+    run's CPU thread choice (`train.threads`) applied."""
     path = Path(path)
     if weights not in ("ema", "online"):
         raise CheckpointError(f"--weights {weights!r}: choose ema or online")
-    if path.suffix == ".safetensors":
-        return _load_export(path, weights, device)
+    cfg, flow, step = _load_export(path, weights) if path.suffix == ".safetensors" else _load_checkpoint(path, weights, warn)
+    configure_threads(cfg.train.threads, flow.net, torch.device(device))
+    return cfg, flow.to(device).eval(), step
+
+
+def _load_checkpoint(path: Path, weights: str, warn):
     if path.is_dir():
         if not list_checkpoints(path):
             raise CheckpointError(f"{path}: no checkpoints in {path / 'checkpoints'}; pass a run folder, a ckpt-*.pt "
@@ -35,10 +41,10 @@ def load_run(path: str | Path, weights: str = "ema", device="cpu", warn=print):
     state = blob["ema" if weights == "ema" else "net"]
     check_tensors(flow.net, state, blob.get("path", path), blob["config"])
     flow.net.load_state_dict(state)
-    return cfg, flow.to(device).eval(), int(blob["step"])
+    return cfg, flow, int(blob["step"])
 
 
-def _load_export(path: Path, weights: str, device):
+def _load_export(path: Path, weights: str):
     from ..safeload import UnreadableFile, load_safetensors
 
     if weights != "ema":
@@ -60,7 +66,7 @@ def _load_export(path: Path, weights: str, device):
     flow = build_flow(cfg, shape, classes)
     check_tensors(flow.net, state, path, cfg.to_dict())
     flow.net.load_state_dict(state)
-    return cfg, flow.to(device).eval(), step
+    return cfg, flow, step
 
 
 NETWORK_SECTIONS = ("method", "model", "data")  # the config sections that decide a network's tensors
