@@ -1,9 +1,12 @@
 """Running the real `soflow` command line in subprocesses."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 DATA = Path(__file__).parent / "data"
 
@@ -12,9 +15,16 @@ TINY = ["--set", "model.net_args={hidden: 32, depth: 1}", "--set", "train.batch_
         "--set", "train.log_every=5", "--set", "train.sample_num=200", "--set", "train.sample_nfe=[1]"]
 
 
-def soflow(*args, timeout=300, check=False, env=None, **kw) -> subprocess.CompletedProcess:
+def soflow(*args, timeout=300, check=False, env=None, unprivileged=False, **kw) -> subprocess.CompletedProcess:
+    """Run `python -m soflow ARGS`.  unprivileged=True makes file permissions apply even under root,
+    by dropping the capabilities that override them (so read-only folders can be tested in CI)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "soflow", *map(str, args)], capture_output=True, text=True,
+    prefix = []
+    if unprivileged and os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: read-only folders cannot be shown")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    proc = subprocess.run([*prefix, sys.executable, "-m", "soflow", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=full_env, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"soflow {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
