@@ -38,3 +38,47 @@ def assert_one_line_error(proc, *needles):
     assert len(err.splitlines()) == 1, err
     for n in needles:
         assert n in err, err
+
+
+# `python -m soflow` on a disk that fills up: files written whose name matches $FULL take 4096 bytes,
+# then fail with ENOSPC, except the first $FULL_FITS of them, which fit.  (The one simulated fault:
+# every other fault in the suite is real.)
+FULL_DISK_RUNNER = """
+import builtins, errno, os, re, sys
+real_open, full = builtins.open, re.compile(os.environ["FULL"])
+fits = [int(os.environ.get("FULL_FITS", "0"))]
+
+class Full:
+    def __init__(self, f):
+        self.f, self.left = f, 4096
+        if fits[0] > 0:
+            fits[0] -= 1
+            self.left = float("inf")
+    def write(self, b):
+        if len(b) > self.left:
+            self.f.write(bytes(b)[:int(self.left)]); self.left = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.left -= len(b)
+        return self.f.write(b)
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+    def __enter__(self):
+        return self
+    def __exit__(self, *a):
+        return self.f.__exit__(*a)
+
+def fake_open(file, mode="r", *a, **k):
+    f = real_open(file, mode, *a, **k)
+    return Full(f) if "w" in str(mode) and full.search(os.path.basename(str(file))) else f
+
+builtins.open = fake_open
+from soflow.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def on_full_disk(pattern: str, *args, fits: int = 0) -> subprocess.Popen:
+    """Start `python -m soflow ARGS` with writes to files matching `pattern` failing (see above)."""
+    return subprocess.Popen([sys.executable, "-c", FULL_DISK_RUNNER, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "FULL": pattern, "FULL_FITS": str(fits)})

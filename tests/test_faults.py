@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from helpers import TINY, assert_one_line_error, soflow
+from helpers import TINY, assert_one_line_error, on_full_disk, soflow
 from soflow.train.checkpoint import list_checkpoints, read_checkpoint
 
 STEPS = ["--set", "train.total_steps=300", "--set", "train.checkpoint_every=1", "--set", "train.keep_last=2",
@@ -59,47 +59,13 @@ def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
     assert not list((killed / "checkpoints").glob(".*.tmp")), "temporary files of killed writers were left behind"
 
 
-ENOSPC_RUNNER = """
-import builtins, errno, sys
-real_open = builtins.open
-writes = {"checkpoints": 0}
-
-class Full:
-    # A file on a disk that fills up: the first checkpoint fits, the second fails part-way.
-    def __init__(self, f):
-        self.f, self.left = f, None
-    def write(self, b):
-        if self.left is None:
-            writes["checkpoints"] += 1
-            self.left = 10**9 if writes["checkpoints"] == 1 else 4096
-        if len(b) > self.left:
-            self.f.write(bytes(b)[:self.left]); self.left = 0
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.left -= len(b)
-        return self.f.write(b)
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-    def __enter__(self):
-        return self
-    def __exit__(self, *a):
-        return self.f.__exit__(*a)
-
-def fake_open(file, mode="r", *a, **k):
-    f = real_open(file, mode, *a, **k)
-    return Full(f) if str(file).endswith(".tmp") and "ckpt-" in str(file) else f
-
-builtins.open = fake_open
-from soflow.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path):
     run = tmp_path / "run"
     args = ["train", "--config", "toy2d", "--run-dir", str(run), *TINY, "--set", "train.total_steps=20",
             "--set", "train.checkpoint_every=10"]
-    proc = subprocess.run([sys.executable, "-c", ENOSPC_RUNNER, *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    writer = on_full_disk(r"^\.ckpt-.*\.tmp$", *args, fits=1)  # the first checkpoint fits, the second does not
+    out, err = writer.communicate(timeout=300)
+    proc = subprocess.CompletedProcess(writer.args, writer.returncode, out, err)
     assert_one_line_error(proc, "No space left on device", "ckpt-00000020", "step 10")
     assert [s for s, _ in list_checkpoints(run)] == [10]
     assert read_checkpoint(list_checkpoints(run)[0][1])["step"] == 10  # intact

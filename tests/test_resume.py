@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from helpers import TINY, assert_one_line_error, soflow
+from helpers import TINY, assert_one_line_error, on_full_disk, soflow
 from soflow.train.checkpoint import list_checkpoints, read_checkpoint
 
 BASE_STEPS = 10
@@ -137,42 +137,6 @@ def test_exports_write_what_safetensors_writes(tmp_path):
 
 # A runner whose disk fills up for the files named by $FULL (a regex on the file name): their
 # first 4096 bytes fit, the next write fails with ENOSPC.
-FULL_RUNNER = """
-import builtins, errno, os, re, sys
-real_open, full = builtins.open, re.compile(os.environ["FULL"])
-
-class Full:
-    def __init__(self, f):
-        self.f, self.left = f, 4096
-    def write(self, b):
-        if len(b) > self.left:
-            self.f.write(bytes(b)[:self.left]); self.left = 0
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.left -= len(b)
-        return self.f.write(b)
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-    def __enter__(self):
-        return self
-    def __exit__(self, *a):
-        return self.f.__exit__(*a)
-
-def fake_open(file, mode="r", *a, **k):
-    f = real_open(file, mode, *a, **k)
-    return Full(f) if "w" in str(mode) and full.search(os.path.basename(str(file))) else f
-
-builtins.open = fake_open
-from soflow.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def _on_full_disk(pattern, *args):
-    return subprocess.Popen([sys.executable, "-c", FULL_RUNNER, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "FULL": pattern})
-
-
 def _temporaries(folder):
     return [p.name for p in folder.rglob("*") if ".tmp" in p.name or ".part" in p.name]
 
@@ -180,16 +144,16 @@ def _temporaries(folder):
 def test_full_disk_while_exporting_or_writing_samples(base_run, tmp_path):
     run = _copy(base_run, tmp_path / "run")
     (run / "exports").rename(tmp_path / "old-exports")  # the run looks stopped before its export
-    export = _on_full_disk(r"^\.ema-.*\.tmp$", "train", "--run-dir", run)
+    export = on_full_disk(r"^\.ema-.*\.tmp$", "train", "--run-dir", run)
     out = tmp_path / "x.npz"
-    sample = _on_full_disk(r"\.part\d+\.npy$", "sample", "--checkpoint", run, "--num", "2000", "--out", out)
+    sample = on_full_disk(r"\.part\d+\.npy$", "sample", "--checkpoint", run, "--num", "2000", "--out", out)
     export, sample = _finish(export, check=False), _finish(sample, check=False)
     assert_one_line_error(export, f"could not write export {run}/exports/ema-{BASE_STEPS:08d}.safetensors: "
                                   "No space left on device")
     assert_one_line_error(sample, "could not write", "x.npz", "No space left on device")
     assert not _temporaries(tmp_path) and not out.exists()
 
-    figure = _finish(_on_full_disk(r"^\.step.*\.tmp\.png$", "train", "--run-dir", run), check=False)
+    figure = _finish(on_full_disk(r"^\.step.*\.tmp\.png$", "train", "--run-dir", run), check=False)
     assert_one_line_error(figure, f"could not write {run}/samples/step{BASE_STEPS:08d}.png: No space left on device")
     assert (run / "exports" / f"ema-{BASE_STEPS:08d}.safetensors").is_file()  # written before the figure
     assert not _temporaries(tmp_path)
