@@ -68,6 +68,25 @@ def test_reference_yaml_with_unknown_key_is_rejected(tmp_path):
     assert_one_line_error(proc, "unknown key 'warmup_steps'")
 
 
+
+@pytest.mark.parametrize("size,steps", [("b4", 400_000), ("b2", 1_200_000), ("m2", 1_200_000), ("l2", 1_200_000),
+                                        ("xl2", 1_200_000)])
+def test_imagenet_presets_come_from_one_template(size, steps):
+    from soflow.train.config import preset_names
+
+    cfg = load(f"imagenet-dit-{size}")
+    assert (cfg.model.net, cfg.train.total_steps) == (f"dit-{size}", steps)
+    # the shared recipe of the template (the reference's imagenet.yaml)
+    assert (cfg.data.name, cfg.train.batch_size, cfg.train.lr, cfg.objective.cfg_scale) == ("imagenet-latents", 256,
+                                                                                           1e-4, 3.0)
+    assert cfg.objective.time_mean == [-0.2, -1.0, 0.2] and cfg.train.betas == [0.9, 0.99]
+    assert f"imagenet-dit-{size}" in preset_names() and "imagenet-dit" not in preset_names()
+
+
+def test_template_alone_is_one_line_error(tmp_path):
+    proc = soflow("train", "--config", "imagenet-dit", "--run-dir", tmp_path / "run", "--dry-run")
+    assert_one_line_error(proc, "a template of presets (imagenet-dit-b4")
+
 def test_unknown_preset_lists_presets(tmp_path):
     proc = soflow("train", "--config", "toy3d", "--run-dir", tmp_path / "run")
     assert_one_line_error(proc, "toy3d", "toy2d")

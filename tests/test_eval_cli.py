@@ -52,7 +52,19 @@ def test_eval_points_cli(tmp_path):
     soflow("train", "--config", "toy2d", "--run-dir", run, *TINY, "--set", "train.total_steps=5", check=True)
     proc = soflow("eval", "points", "--checkpoint", run, "--nfe", "2", "--num", "300", check=True)
     result = json.loads(proc.stdout)
-    assert result["nfe"] == 2 and result["energy_distance"] > 0 and result["sliced_w2"] > 0
+    assert result["nfe"] == 2 and result["num"] == 300 and result["step"] == 5
+    # the same 300 samples drawn by `soflow sample` (seed 0), scored here against the run's data
+    soflow("sample", "--checkpoint", run, "--nfe", "2", "--num", "300", "--out", tmp_path / "x.npy", check=True)
+    from soflow.data import make_dataset
+    from soflow.eval.points import energy_distance, sliced_wasserstein2
+    from soflow.train.load import load_run
+
+    x = np.load(tmp_path / "x.npy")
+    ref = make_dataset(load_run(run)[0].data).reference(300)
+    assert x.shape == (300, 2) and x.dtype == np.float32
+    assert result["energy_distance"] == pytest.approx(energy_distance(x, ref), rel=1e-5)
+    assert result["sliced_w2"] == pytest.approx(sliced_wasserstein2(x, ref), rel=1e-5)
+    assert 0 < result["energy_distance"] and 0 < result["sliced_w2"]
 
 
 def test_eval_fmnist_cli(tmp_path):

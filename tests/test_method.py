@@ -169,13 +169,21 @@ def test_consistency_loss_gradient_equals_weighted_mse_form():
     cons = Rows(*(v.double() if v.is_floating_point() else v for v in (cons.x0, cons.x1, cons.t, cons.s, cons.l)),
                 labels=cons.labels, cfg_mask=cons.cfg_mask)
     fm = Rows(cons.x0[:0], cons.x1[:0], cons.t[:0], cons.t[:0], labels=cons.labels[:0], cfg_mask=cons.cfg_mask[:0])
-    loss = SoFlowLoss(p=0.75, eps=1e-3, cfg_scale=2.0)
+    w_cfg, m, tau = 2.0, 0.5, 0.5
+    loss = SoFlowLoss(p=0.75, eps=1e-3, cfg_scale=w_cfg, mix_ratio=m, cfg_decay_time=tau)
     _, coded, _ = loss.losses(flow, fm, cons)
     g_coded = torch.autograd.grad(coded, list(flow.parameters()))
-    # independent weighted-MSE form
+    # independent weighted-MSE form, the guided target written out from DESIGN's equation:
+    # v_mix = m (v + g(t) (w - 1) (v - v_uncond)) + (1 - m) v_cond; label-dropped rows keep v
     x_t = interpolate(flow.path, cons.x0, cons.x1, cons.t)
     with torch.no_grad():
-        v = loss._guided_velocities(flow, flow.net, fm, cons, [x_t], [conditional_velocity(flow.path, cons.x0, cons.x1, cons.t)], None)[0]
+        v = conditional_velocity(flow.path, cons.x0, cons.x1, cons.t)
+        v_uncond = flow.velocity(x_t, cons.t, torch.full_like(cons.labels, flow.num_classes))
+        v_cond = flow.velocity(x_t, cons.t, cons.labels)
+        g = guidance_decay(cons.t, tau)[:, None]
+        v_mix = m * (v + g * (w_cfg - 1) * (v - v_uncond)) + (1 - m) * v_cond
+        v = torch.where(cons.cfg_mask[:, None], v, v_mix)
+        assert cons.cfg_mask.any() and not cons.cfg_mask.all() and (g < 1).any()  # both kinds of rows, real decay
         x_l = x_t + v * (cons.l - cons.t)[:, None]
         f_l = flow.solution_from(x_l, cons.l, cons.s, flow.net(x_l, cons.l, cons.s, cons.labels))
     f_t = flow.solution_from(x_t, cons.t, cons.s, flow.net(x_t, cons.t, cons.s, cons.labels))

@@ -18,6 +18,17 @@ def train(run, *extra, **kw):
     return soflow("train", "--config", "toy2d", "--run-dir", run, *TINY, *extra, **kw)
 
 
+def assert_scatter_png(path):
+    """A readable 8-bit RGB(A) figure with something drawn on it (not one flat colour)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.mode in ("RGB", "RGBA") and min(im.size) >= 100
+        pixels = np.asarray(im.convert("RGB"))
+    assert pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3
+    assert pixels.min() < 128 < pixels.max() and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10
+
+
 def final_state(run):
     step, path = list_checkpoints(run)[0]
     return step, read_checkpoint(path)
@@ -33,10 +44,16 @@ def test_stop_and_resume_equals_uninterrupted_run(tmp_path):
     s2, b = final_state(tmp_path / "sliced")
     assert s1 == s2 == 24
     for key in ("net", "ema"):
+        assert a[key].keys() == b[key].keys()
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}/{name} differs after resume"
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # zip would stop at the shorter side: the same parameters must carry the same state entries
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa and sa.keys() == sb.keys()
+    for i in sa:
+        assert sa[i].keys() == sb[i].keys() and sa[i]
+        assert all(torch.equal(sa[i][k], sb[i][k]) for k in sa[i]), f"optimizer state of parameter {i} differs"
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
     log = (tmp_path / "sliced" / "log.txt").read_text()
     assert "resumed from" in log and "stopped at step 10" in log
 
@@ -49,8 +66,13 @@ def test_run_folder_contents_and_metrics(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [5, 10]
     assert {"loss", "velocity_mse", "velocity_weight", "consistency_mse", "consistency_weight", "r", "grad_norm",
-            "samples_per_s", "peak_memory_gb"} <= set(records[0])
-    assert list((run / "exports").glob("*.safetensors")) and list((run / "samples").glob("*.png"))
+            "samples_per_s", "peak_rss_gb"} <= set(records[0])
+    assert "peak_memory_gb" not in records[0] and "peak_cuda_allocated_gb" not in records[0]  # a CPU run: RSS only
+    assert 0 < records[0]["peak_rss_gb"] < 64
+    assert list((run / "exports").glob("*.safetensors"))
+    for png in (run / "samples").glob("*.png"):
+        assert_scatter_png(png)
+    assert len(list((run / "samples").glob("*.png"))) == 1  # the final figure
     ckpt = read_checkpoint(list_checkpoints(run)[0][1])
     assert ckpt["config"]["train"]["total_steps"] == 10
 
@@ -86,6 +108,18 @@ def test_non_finite_loss_stops_with_step_number(tmp_path):
                  "--set", "train.total_steps=20")
     assert_one_line_error(proc, "non-finite loss at step 1")
     assert not list_checkpoints(tmp_path / "run")
+
+
+def test_non_finite_message_names_a_checkpoint_at_step_zero(tmp_path):
+    from soflow.errors import TrainingError
+    from soflow.train.loop import _check_finite
+
+    # a run resumed at step 0 (a converted checkpoint) has a good checkpoint even though its step is falsy
+    with pytest.raises(TrainingError, match="last good checkpoint is step 0 in"):
+        _check_finite(torch.tensor(3), 10, 0, tmp_path)
+    with pytest.raises(TrainingError, match="no checkpoint was written"):
+        _check_finite(torch.tensor(3), 10, None, tmp_path)
+    _check_finite(torch.tensor(11), 10, None, tmp_path)  # total + 1: every loss was finite
 
 
 def test_points_data_and_missing_file(tmp_path):
@@ -131,9 +165,12 @@ def test_sample_outputs_are_reproducible(tmp_path):
     export = next((run / "exports").glob("*.safetensors"))
     soflow("sample", "--checkpoint", export, "--num", "50", "--seed", "3", "--out", tmp_path / "e.npy", check=True)
     assert np.allclose(np.load(a), np.load(tmp_path / "e.npy"), atol=1e-6)
-    for out in ("s.png", "s.npz"):
+    for out in ("s.png", "s.npz", "s.npy"):
         soflow("sample", "--checkpoint", run, "--num", "20", "--nfe", "2", "--mode", "chain", "--out", tmp_path / out, check=True)
-        assert (tmp_path / out).stat().st_size > 0
+    with np.load(tmp_path / "s.npz") as npz:  # points go to arr_0 as floats, the same as the raw .npy
+        assert list(npz.keys()) == ["arr_0"] and npz["arr_0"].shape == (20, 2) and npz["arr_0"].dtype == np.float32
+        assert np.isfinite(npz["arr_0"]).all() and np.array_equal(npz["arr_0"], np.load(tmp_path / "s.npy"))
+    assert_scatter_png(tmp_path / "s.png")
     proc = soflow("sample", "--checkpoint", tmp_path / "nowhere", "--num", "5", "--out", tmp_path / "z.npy")
     assert_one_line_error(proc, "nowhere")
 

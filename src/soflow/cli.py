@@ -20,27 +20,16 @@ import os
 import sys
 from pathlib import Path
 
+from .errors import ConfigError, SoflowError
 
 
-def _errors():
-    """The errors that report bad input (a setting, an argument, a file or path the user gave) and
-    are printed as one line, as is ValueError, the library's bad-argument error; any other exception
-    is a fault in soflow and keeps its traceback."""
-    from .data import DataError
-    from .eval.fid import EvalError
-    from .reference import CheckpointError as ReferenceError
-    from .safeload import UnreadableFile
-    from .train.checkpoint import CheckpointError
-    from .train.config import ConfigError
-    from .train.loop import TrainingError
-
-    paths = (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)
-    return (ConfigError, DataError, CheckpointError, ReferenceError, EvalError, UnreadableFile, TrainingError,
-            *paths, ImportError)
+# OS errors about a path the user gave (a missing file, a read-only or occupied destination): bad
+# input like a SoflowError, printed as "PATH: reason".
+PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)
 
 
 def cmd_train(args) -> int:
-    from .train.config import ConfigError, check_run_dir, dump, load, read_yaml
+    from .train.config import check_run_dir, dump, load, read_yaml
     from .train.loop import train
 
     run_dir = Path(args.run_dir)
@@ -75,7 +64,7 @@ def cmd_sample(args) -> int:
 
     from .sampling import generate_chunks
     from .train import distributed
-    from .train.config import ConfigError, unwritable
+    from .train.config import unwritable
     from .train.load import load_run
     from .writers import SampleOutput
 
@@ -104,7 +93,7 @@ def cmd_sample(args) -> int:
         if env.device.type == "cuda":  # as in training and the reference's sampling (train.tf32, default on)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.train.tf32)
         if args.class_id is not None and not flow.num_classes:
-            raise ValueError("--class given but the model is unconditional")
+            raise ConfigError(f"--class {args.class_id}: the model is unconditional; leave --class out")
         from .sampling import guidance_problem
         from .train.build import guided_training
 
@@ -112,8 +101,8 @@ def cmd_sample(args) -> int:
         if problem:
             raise ConfigError(f"--guidance {args.guidance}: {problem}")
         if args.mode and (args.mode in ("euler", "heun")) != (cfg.method == "flow_matching"):
-            raise ValueError(f"--mode {args.mode}: method {cfg.method} samples with "
-                             + ("euler | heun" if cfg.method == "flow_matching" else "renoise | chain"))
+            raise ConfigError(f"--mode {args.mode}: method {cfg.method} samples with "
+                              + ("euler | heun" if cfg.method == "flow_matching" else "renoise | chain"))
         token = distributed.all_gather_objects(env, uuid.uuid4().hex[:12])[0]  # rank 0's names the temporaries
         from .plots import plural, sample_title
 
@@ -141,7 +130,8 @@ def cmd_sample(args) -> int:
             raise failure
         failed = [(r, m) for r, m in enumerate(reports) if m]
         if failed:
-            raise ValueError(f"rank {failed[0][0]} failed ({failed[0][1]}); nothing was written to {args.out}")
+            # the failing rank prints its own error; this one only says that nothing was written
+            raise SoflowError(f"rank {failed[0][0]} failed ({failed[0][1]}); nothing was written to {args.out}")
         if env.is_main:
             out = output.assemble()
             print(f"{plural(args.num, 'sample')} ({cfg.method}, {title}) written to {Path(out).resolve()}")
@@ -177,7 +167,7 @@ def cmd_eval(args) -> int:
     import math
 
     from .eval.run import eval_fmnist, eval_points
-    from .train.config import ConfigError, unwritable
+    from .train.config import unwritable
 
     # The arguments are checked before a model is loaded or a sample drawn.
     count = ("--num", args.num) if args.eval_command == "points" else ("--per-class", args.per_class)
@@ -429,7 +419,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except _errors() + (ValueError,) as e:
+    except (SoflowError, *PATH_ERRORS) as e:  # bad input; anything else is a fault and keeps its traceback
         if os.environ.get("SOFLOW_DEBUG"):
             raise
         # an OS error reads "PATH: reason" (a path the user gave); every message is kept on one line

@@ -25,6 +25,8 @@ import math
 import torch
 from torch import Tensor
 
+from .errors import ConfigError
+
 HALF_PI = math.pi / 2
 
 
@@ -119,7 +121,7 @@ PARAMETERIZATIONS = {"euler": EulerParameterization, "trig": TrigParameterizatio
 def _lookup(table: dict, name: str, what: str):
     key = str(name).lower()
     if key not in table:
-        raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(sorted(table))}")
+        raise ConfigError(f"unknown {what} {name!r}; choose one of {', '.join(sorted(table))}")
     return table[key]()
 
 

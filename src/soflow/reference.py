@@ -13,12 +13,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .errors import CheckpointError, UnreadableFile
+
 PREFIX = "network."
 CHECKPOINT_KEYS = ("ema_model", "model")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read or does not fit the network."""
 
 
 def read_reference_blob(path: str | Path) -> dict:
@@ -26,7 +24,7 @@ def read_reference_blob(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    from .safeload import UnreadableFile, load_torch
+    from .safeload import load_torch
 
     try:
         blob = load_torch(path)

@@ -17,20 +17,11 @@ from pathlib import Path
 
 import torch
 
+from .errors import UnreadableFile
+
 # Phrases of PyTorch's refusal that advise turning the protection off; no message repeats them.
 _ADVICE = re.compile(r"weights_only|trust", re.IGNORECASE)
 _GLOBAL = re.compile(r"GLOBAL (\S{1,120})")
-
-
-class UnreadableFile(Exception):
-    """A file that soflow will not or cannot read. ``holds_objects`` is True when the restricted
-    unpickler refused it: a pickle that names Python objects beyond tensors and plain values
-    (possibly code) or uses what that unpickler does not read. The message is a short reason,
-    without the file name, for the caller's one-line error."""
-
-    def __init__(self, reason: str, holds_objects: bool):
-        super().__init__(reason)
-        self.holds_objects = holds_objects
 
 
 def describe(e: BaseException) -> str:

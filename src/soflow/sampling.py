@@ -20,6 +20,7 @@ import math
 import torch
 from torch import Tensor
 
+from .errors import ConfigError
 from .paths import expand_as_rows
 from .seeding import generator
 from .solution import SolutionFlow
@@ -80,11 +81,17 @@ def guidance_problem(model: SolutionFlow, guidance: float, trained_with_dropout:
 def _check_guidance(model: SolutionFlow, guidance: float) -> None:
     problem = guidance_problem(model, guidance)
     if problem:
-        raise ValueError(f"guidance {guidance}: {problem}")
+        raise ConfigError(f"guidance {guidance}: {problem}")
+
+
+def _times(x: Tensor, t: float) -> Tensor:
+    """One time per row, in the sample's dtype (as SolutionFlow.forward builds them), so that the
+    solution and velocity samplers feed the network alike and float64 sampling stays float64."""
+    return torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
 
 
 def _solution(model: SolutionFlow, x: Tensor, t: float, s: float, labels, guidance: float) -> Tensor:
-    tt, ss = torch.full((x.shape[0],), t, device=x.device), torch.full((x.shape[0],), s, device=x.device)
+    tt, ss = _times(x, t), _times(x, s)
     return model.solution_from(x, tt, ss, _network(model, x, tt, ss, labels, guidance))
 
 
@@ -116,7 +123,7 @@ def run_sampler(model: SolutionFlow, noise: Tensor, nfe: int, labels: Tensor | N
         x0_hat = _solution(model, x, grid[i], 0.0, labels, guidance)
         if i == nfe - 1:
             return x0_hat
-        t_next = torch.full((x.shape[0],), grid[i + 1], device=x.device)
+        t_next = _times(x, grid[i + 1])
         x = expand_as_rows(model.path.alpha(t_next), x0_hat) * x0_hat + \
             expand_as_rows(model.path.beta(t_next), x0_hat) * noise[:, i + 1]
     return x
@@ -137,10 +144,10 @@ def _requested_labels(labels, n: int, num_classes: int) -> Tensor | None:
     if labels is None:
         return None
     if not num_classes:
-        raise ValueError("labels given to an unconditional model")
+        raise ConfigError("labels given to an unconditional model")
     labels = torch.as_tensor(labels, dtype=torch.long).expand(n).clone()
     if bool(((labels < 0) | (labels >= num_classes)).any()):
-        raise ValueError(f"labels must be class ids in [0, {num_classes - 1}]")
+        raise ConfigError(f"labels must be class ids in [0, {num_classes - 1}]")
     return labels
 
 
@@ -153,9 +160,9 @@ def sample(model: SolutionFlow, n: int, nfe: int = 1, *, seed: int = 0, labels=N
     drawn on another process or in other batch sizes and gives the same samples.
     """
     if nfe < 1:
-        raise ValueError(f"nfe must be >= 1, got {nfe}")
+        raise ConfigError(f"nfe must be >= 1, got {nfe}")
     if mode not in MODES:
-        raise ValueError(f"unknown sampling mode {mode!r}; choose one of {', '.join(MODES)}")
+        raise ConfigError(f"unknown sampling mode {mode!r}; choose one of {', '.join(MODES)}")
     _check_guidance(model, guidance)
     draws = nfe if mode == "renoise" else 1
     return _in_batches(model, n, draws, seed, labels, batch_size, first_index, device,
@@ -167,7 +174,7 @@ ODE_METHODS = ("euler", "heun")
 
 def _velocity(model: SolutionFlow, x: Tensor, t: float, labels, guidance: float) -> Tensor:
     """v(x, t), guided as in `_network`."""
-    tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
+    tt = _times(x, t)
     return model.velocity_from(x, tt, _network(model, x, tt, tt, labels, guidance))
 
 
@@ -201,9 +208,9 @@ def ode_sample(model: SolutionFlow, n: int, steps: int, *, method: str = "euler"
     random class) as `sample(..., mode="chain")` with the same (seed, first_index + i).
     """
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise ConfigError(f"steps must be >= 1, got {steps}")
     if method not in ODE_METHODS:
-        raise ValueError(f"unknown ODE method {method!r}; choose one of {', '.join(ODE_METHODS)}")
+        raise ConfigError(f"unknown ODE method {method!r}; choose one of {', '.join(ODE_METHODS)}")
     _check_guidance(model, guidance)
     return _in_batches(model, n, 1, seed, labels, batch_size, first_index, device,
                        lambda noise, y: run_ode(model, noise[:, 0], steps, y, method, guidance))

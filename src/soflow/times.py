@@ -10,6 +10,8 @@ import math
 import torch
 from torch import Tensor
 
+from .errors import ConfigError
+
 MIN_GAP = 1e-4  # smallest t - s and t - l the consistency sampler allows
 GUIDANCE_DECAY_RATE = 0.025  # k in g(t), fixed by the reference recipe
 SCHEDULES = ("const", "linear", "cosine", "exponent")
@@ -53,7 +55,7 @@ def middle_ratio(schedule: str, step: int, total_steps: int, r_init: float, r_en
         return r_end + (r_init - r_end) * 0.5 * (1 + math.cos(math.pi * frac))
     if name == "exponent":
         return r_init * (r_end / r_init) ** frac
-    raise ValueError(f"unknown middle-time schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    raise ConfigError(f"unknown middle-time schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
 def middle_time(t: Tensor, s: Tensor, ratio: float) -> Tensor:

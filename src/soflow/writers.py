@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from numpy.lib import format as npy_format
 
+from .errors import ConfigError
 from .plots import image_grid, plural, scatter_panels, to_uint8
 
 COPY_BLOCK = 16 << 20  # bytes per read when parts are copied into the output
@@ -34,13 +35,13 @@ def output_kind(out: Path, sample_shape) -> str:
         return suffix[1:]
     if suffix == ".png":
         if not images and sample_shape[0] < 2:
-            raise ValueError(f"--out {out}: cannot plot {sample_shape[0]}-D points; use .npy or .npz")
+            raise ConfigError(f"--out {out}: cannot plot {sample_shape[0]}-D points; use .npy or .npz")
         return "png"
     if suffix == "":
         if not images:
-            raise ValueError(f"--out {out}: a folder of PNGs needs image samples; use .npy or .npz for points")
+            raise ConfigError(f"--out {out}: a folder of PNGs needs image samples; use .npy or .npz for points")
         return "folder"
-    raise ValueError(f"--out {out}: unknown output type {suffix!r}; use .png, .npz, .npy or a folder")
+    raise ConfigError(f"--out {out}: unknown output type {suffix!r}; use .png, .npz, .npy or a folder")
 
 
 def rank_range(num: int, world: int, rank: int, batch_size: int) -> tuple[int, int]:
@@ -60,9 +61,9 @@ class SampleOutput:
     def __init__(self, out, sample_shape, num: int, world: int, batch_size: int, token: str,
                  title: str | None = None):
         if num < 1:
-            raise ValueError(f"--num must be >= 1, got {num}")
+            raise ConfigError(f"--num must be >= 1, got {num}")
         if batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+            raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
         self.out = Path(out)
         self.kind = output_kind(self.out, tuple(sample_shape))
         self.num, self.world, self.batch_size, self.token = num, world, batch_size, token
@@ -88,12 +89,12 @@ class SampleOutput:
         """Refuse, before any sampling, a destination the final rename could not replace."""
         if self.kind == "folder":
             if self.out.exists() and not self.out.is_dir():
-                raise ValueError(f"--out {self.out}: exists and is not a folder; choose another name")
+                raise ConfigError(f"--out {self.out}: exists and is not a folder; choose another name")
             if self.out.is_dir() and any(self.out.iterdir()):
-                raise ValueError(f"--out {self.out}: folder exists and is not empty; remove it or choose a new "
-                                 "name (old images would mix with the new ones)")
+                raise ConfigError(f"--out {self.out}: folder exists and is not empty; remove it or choose a new "
+                                  "name (old images would mix with the new ones)")
         elif self.out.is_dir():
-            raise ValueError(f"--out {self.out}: is a folder; give a file name ending in .{self.kind}")
+            raise ConfigError(f"--out {self.out}: is a folder; give a file name ending in .{self.kind}")
         with failed_writes_as_errors(self.out.parent):
             self.out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -147,14 +148,14 @@ class SampleOutput:
                 continue
             path = self.part(rank)
             if not path.is_file():
-                raise ValueError(f"--out {self.out}: the samples of rank {rank} are missing ({path.name}); the "
-                                 "output folder must be on a file system that every rank sees")
+                raise ConfigError(f"--out {self.out}: the samples of rank {rank} are missing ({path.name}); the "
+                                  "output folder must be on a file system that every rank sees")
             offset, shape, dtype = _read_header(path)
             complete = path.stat().st_size - offset == int(np.prod(shape)) * dtype.itemsize
             unlike = parts and (shape[1:], dtype) != (parts[0][2][1:], parts[0][3])
             if not complete or shape[0] != last - first or unlike:
-                raise ValueError(f"--out {self.out}: part {path.name} holds {shape} {dtype}, expected "
-                                 f"{last - first} samples like the other parts")
+                raise ConfigError(f"--out {self.out}: part {path.name} holds {shape} {dtype}, expected "
+                                  f"{last - first} samples like the other parts")
             parts.append((path, offset, shape, dtype))
         return parts
 
@@ -178,8 +179,8 @@ class SampleOutput:
     def _check_folder(self) -> None:
         found = sum(1 for _ in self.staging.glob("*.png")) if self.staging.is_dir() else 0
         if found != self.num:
-            raise ValueError(f"--out {self.out}: {found} of {self.num} images were written; the output folder must "
-                             "be on a file system that every rank sees")
+            raise ConfigError(f"--out {self.out}: {found} of {self.num} images were written; the output folder must "
+                              "be on a file system that every rank sees")
 
 
 def _uint8_nhwc(x: torch.Tensor) -> np.ndarray:
@@ -256,12 +257,12 @@ class _PngFiles:
 
 @contextlib.contextmanager
 def failed_writes_as_errors(path):
-    """An OSError while writing `path` (a full disk, a missing permission) as one ValueError line,
+    """An OSError while writing `path` (a full disk, a missing permission) as one ConfigError line,
     which the command line prints as it is."""
     try:
         yield
     except OSError as e:
-        raise ValueError(f"could not write {path}: {e.strerror or e}") from None
+        raise ConfigError(f"could not write {path}: {e.strerror or e}") from None
 
 
 def write_figure(path: str | Path, draw, *args, **kwargs) -> Path:

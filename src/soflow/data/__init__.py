@@ -4,7 +4,7 @@ and either `batch(seed, position, rank, world, n) -> (x0, labels)` (in memory) o
 
 from __future__ import annotations
 
-from .sampler import DataError
+from ..errors import DataError
 from .toy import TOYS, PointData, ToyData
 
 IMAGE_DATASETS = ("fmnist", "cifar10", "imagefolder", "imagenet-latents")

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .sampler import DataError, epoch_indices
+from ..errors import DataError
+from .sampler import epoch_indices
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".JPEG"}

@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import DataError
 from ..seeding import generator
-from .sampler import DataError, epoch_indices
+from .sampler import epoch_indices
 
 SCALE = 0.18215
 

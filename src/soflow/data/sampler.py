@@ -7,11 +7,8 @@ import functools
 
 import torch
 
+from ..errors import DataError  # noqa: F401  (still importable from here)
 from ..seeding import generator
-
-
-class DataError(ValueError):
-    """A missing or malformed dataset; the message names the file and what is expected."""
 
 
 @functools.lru_cache(maxsize=2)

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import DataError
 from ..seeding import generator
-from .sampler import DataError, epoch_indices
+from .sampler import epoch_indices
 
 
 def checkerboard(n: int, g: torch.Generator) -> Tensor:

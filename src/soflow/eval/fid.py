@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import EvalError, UnreadableFile
+
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_ENV = "SOFLOW_INCEPTION_WEIGHTS"
 # torch-fidelity's release of the converted TensorFlow weights (same tensors as WEIGHTS_FILE).
@@ -44,11 +46,6 @@ FEATURE_NAMES = ("64", "192", "768", "2048", "logits_unbiased", "logits", SPATIA
 
 ImagesLike = Union[Tensor, np.ndarray, str, Path]
 Stats = tuple[np.ndarray, np.ndarray]
-
-
-class EvalError(ValueError):
-    """Unusable evaluation input (image folder, sample or statistics file, weights file).
-    The message is one line that names the file."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,7 +274,7 @@ def load_inception_weights(path: str | Path) -> dict[str, Tensor]:
     """The named tensors of an InceptionV3 weights file: a torch file (read with
     ``weights_only=True``: tensors and plain values only, no code runs) or a ``.safetensors`` file.
     Anything else is a one-line :class:`EvalError` naming the file."""
-    from ..safeload import UnreadableFile, load_safetensors, load_torch
+    from ..safeload import load_safetensors, load_torch
 
     path = Path(path)
     try:
@@ -377,8 +374,8 @@ class InceptionFeatures:
         try:
             cls = _network_class()
         except ImportError as e:
-            raise ImportError(f"Inception features need torch-fidelity ({_first_line(e)}): "
-                              "pip install 'soflow[fid]'") from None
+            raise EvalError(f"Inception features need torch-fidelity ({_first_line(e)}): "
+                            "pip install 'soflow[fid]'") from None
         net = cls("inception-v3-compat", self._net_features, feature_extractor_weights_path=_empty_torch_file(),
                   feature_extractor_internal_dtype=dtype)
         _check_fit(net, state, path)
@@ -418,11 +415,6 @@ class InceptionFeatures:
     def __call__(self, images) -> Tensor:
         """The first requested feature (pool features by default) as float32 [N, D]."""
         return self.extract(images)[self.features[0]]
-
-    def logits(self, images) -> Tensor:
-        if "logits_unbiased" not in self.features:
-            raise ValueError("InceptionFeatures: built without 'logits_unbiased'")
-        return self.extract(images)["logits_unbiased"]
 
 
 def _check_images(images) -> Tensor:

@@ -8,9 +8,10 @@ import functools
 import torch
 
 from ..data import make_dataset
+from ..errors import EvalError
 from ..sampling import generate
 from ..train.load import load_run
-from .fid import (LAYER_DIMS, SPATIAL, EvalError, InceptionFeatures, frechet_distance, inception_score, load_features,
+from .fid import (LAYER_DIMS, SPATIAL, InceptionFeatures, frechet_distance, inception_score, load_features,
                   load_images, load_stats, npz_keys, precision_recall, save_stats, statistics)
 from .points import energy_distance, sliced_wasserstein2
 

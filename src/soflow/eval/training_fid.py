@@ -40,11 +40,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import CheckpointError, EvalError
 from ..plots import to_uint8
 from ..sampling import generate
 from ..train import distributed, parallel
-from ..train.checkpoint import CheckpointError, best_fid_paths, read_best_fid, save_best_fid
-from .fid import EvalError, InceptionFeatures, frechet_distance, load_stats
+from ..train.checkpoint import best_fid_paths, read_best_fid, save_best_fid
+from .fid import InceptionFeatures, frechet_distance, load_stats
 
 
 def metric_name(nfe: int) -> str:
@@ -90,9 +91,7 @@ class TrainingFID:
         try:
             self.extractor = InceptionFeatures(t.fid_inception, device=self.env.device, batch_size=self.batch_size,
                                                features=(str(self.dims),))
-        except ImportError as e:
-            raise ImportError(f"train.fid_every: {e}") from None
-        except (ValueError, OSError, RuntimeError) as e:
+        except (ValueError, OSError, RuntimeError) as e:  # a missing torch-fidelity is an EvalError too
             raise EvalError(f"train.fid_inception: {e}") from None
         if cfg.data.name == "imagenet-latents":  # latents are decoded to pixels before Inception sees them
             from ..data.latents import load_vae

@@ -6,6 +6,7 @@ from functools import partial
 
 from torch import nn
 
+from ..errors import ConfigError
 from .dit import DiT
 from .mlp import ResidualMLP
 from .unet import SongUNet
@@ -36,7 +37,7 @@ ALIASES = {"DiT-B-4": "dit-b4", "DiT-B-2": "dit-b2", "DiT-M-2": "dit-m2", "DiT-L
 def canonical_name(name: str) -> str:
     key = ALIASES.get(name, str(name).lower())
     if key not in REGISTRY:
-        raise ValueError(f"unknown network {name!r}; choose one of {', '.join(sorted(REGISTRY))}")
+        raise ConfigError(f"unknown network {name!r}; choose one of {', '.join(sorted(REGISTRY))}")
     return key
 
 
@@ -46,4 +47,4 @@ def build(name: str, **overrides) -> nn.Module:
     try:
         return ctor(**overrides)
     except TypeError as e:
-        raise ValueError(f"network {name!r}: {e}") from None
+        raise ConfigError(f"network {name!r}: {e}") from None

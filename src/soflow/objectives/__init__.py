@@ -1,5 +1,6 @@
 """Training objectives: callables returning (loss, stats)."""
 
+from ..errors import ConfigError
 from .flow_matching import FlowMatchingLoss
 from .meanflow import MeanFlowLoss
 from .soflow import Rows, SoFlowLoss
@@ -10,7 +11,7 @@ OBJECTIVES = {"soflow": SoFlowLoss, "meanflow": MeanFlowLoss, "flow_matching": F
 def make_objective(method: str, **kwargs):
     """The loss of a training method ("soflow" | "meanflow" | "flow_matching") built with kwargs."""
     if method not in OBJECTIVES:
-        raise ValueError(f"unknown training method {method!r}; choose one of {', '.join(OBJECTIVES)}")
+        raise ConfigError(f"unknown training method {method!r}; choose one of {', '.join(OBJECTIVES)}")
     return OBJECTIVES[method](**kwargs)
 
 

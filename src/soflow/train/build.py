@@ -6,10 +6,11 @@ import dataclasses
 
 import torch
 
+from ..errors import ConfigError
 from ..nets import build, canonical_name
 from ..objectives import SoFlowLoss, make_objective
 from ..solution import SolutionFlow
-from .config import Config, ConfigError
+from .config import Config
 
 
 def network_args(cfg: Config, sample_shape: tuple, num_classes: int) -> dict:

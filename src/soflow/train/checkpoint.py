@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointError, UnreadableFile
+
 FORMAT = "soflow-checkpoint-1"
 NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 REQUIRED = ("format", "step", "config", "sample_shape", "num_classes", "net", "ema", "optimizer", "rng")
@@ -28,10 +30,6 @@ REQUIRED = ("format", "step", "config", "sample_shape", "num_classes", "net", "e
 TEMPORARY = re.compile(r"^\.(ckpt-\d+\.pt|best-fid\.pt|best-fid\.json|ema-\d+\.safetensors|step\d+(-nfe\d+)?\.png)"
                        r"\.\d+\.tmp(\.png)?$")
 RUN_FOLDERS = ("checkpoints", "exports", "samples")
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -156,7 +154,7 @@ def prune(run_dir: Path, keep_last: int, keep_every: int, protect: Path) -> None
 
 def read_checkpoint(path: Path) -> dict:
     """Load one checkpoint file (weights_only) and check it is a soflow run checkpoint."""
-    from ..safeload import UnreadableFile, load_torch
+    from ..safeload import load_torch
 
     path = Path(path)
     try:
@@ -212,7 +210,7 @@ def save_best_fid(run_dir: Path, state: dict, record: dict) -> Path:
 def read_best_fid(run_dir: Path) -> dict | None:
     """The "fid" record of checkpoints/best-fid.pt, or None when the run has none.  The file is
     memory-mapped, so its weights are not read."""
-    from ..safeload import UnreadableFile, load_torch
+    from ..safeload import load_torch
 
     path, _ = best_fid_paths(run_dir)
     if not path.is_file():

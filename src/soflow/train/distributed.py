@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
+from ..errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -17,7 +17,6 @@ DEVICES = ("auto", "cpu", "cuda")
 class Env:
     rank: int
     world: int
-    local_rank: int
     device: torch.device
 
     @property
@@ -47,7 +46,7 @@ def setup(device_pref: str = "auto") -> Env:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    return Env(rank, world, local, device)
+    return Env(rank, world, device)
 
 
 def teardown(env: Env) -> None:

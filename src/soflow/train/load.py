@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointError, UnreadableFile
 from ..threads import configure_threads
 from .build import build_flow
-from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, read_checkpoint
+from .checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
 from .config import Config, load
 
 
@@ -45,7 +46,7 @@ def _load_checkpoint(path: Path, weights: str, warn):
 
 
 def _load_export(path: Path, weights: str):
-    from ..safeload import UnreadableFile, load_safetensors
+    from ..safeload import load_safetensors
 
     if weights != "ema":
         raise CheckpointError(f"{path}: exports hold EMA weights only; use a checkpoint for --weights online")

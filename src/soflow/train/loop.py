@@ -25,19 +25,15 @@ from ..seeding import derive_seed, generator
 from ..threads import configure_threads
 from . import distributed, parallel
 from .build import build_flow, build_objective, build_optimizer
-from .checkpoint import (CheckpointError, export_safetensors, latest_checkpoint, remove_stale_temporaries,
-                         save_checkpoint)
-from .config import Config, ConfigError, dump
+from ..errors import CheckpointError, ConfigError, TrainingError
+from .checkpoint import export_safetensors, latest_checkpoint, remove_stale_temporaries, save_checkpoint
+from .config import Config, dump
 from .ema import EMA
 from .load import check_tensors
 from .lock import RunLock
 from .runlog import RunLog, plural
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (non-finite loss); the message says where the last good state is."""
 
 
 class _StopSignal:
@@ -162,6 +158,8 @@ def _train(cfg: Config, env, run_dir: Path, stop_after: int | None, on_step) -> 
         if applied:
             log.info(f"optimizer settings of the config applied over the checkpoint's: {', '.join(applied)}")
     log.save_config(dump(cfg))
+    if cfg.data.name == "imagenet-latents" and not cfg.data.vae:
+        log.warn("warning: no data.vae: latent sample grids are not decoded; set data.vae to see them")
     if env.device.type == "cpu":
         log.info(f"cpu: {threads} intra-op thread{'' if threads == 1 else 's'} per process (train.threads={t.threads})")
 
@@ -224,7 +222,7 @@ def _train(cfg: Config, env, run_dir: Path, stop_after: int | None, on_step) -> 
                 elapsed = time.perf_counter() - timer
                 schedule = {"r": objective.ratio(step - 1)} if hasattr(objective, "ratio") else {}
                 log.metrics(step, _averaged(env, totals, count), **schedule, samples_per_s=count * t.batch_size / elapsed,
-                            peak_memory_gb=_peak_memory_gb(env.device))
+                            **_peak_memory_gb(env.device))
                 totals, count, timer = {}, 0, time.perf_counter()
             if step % t.checkpoint_every == 0 or step == t.total_steps or halt or signalled:
                 _save(env, run_dir, cfg, flow, ema, optimizer, step)
@@ -232,7 +230,7 @@ def _train(cfg: Config, env, run_dir: Path, stop_after: int | None, on_step) -> 
             if fid_due and not signalled:  # a stop request should not wait for thousands of samples
                 fid.evaluate(step, flow, ema)
             if t.sample_every and step % t.sample_every == 0 and step < t.total_steps:
-                write_samples(cfg, ema_flow(cfg, flow, ema), data, run_dir / "samples", step, log, env)
+                write_previews(cfg, ema_flow(cfg, ema), data, run_dir / "samples", step, log, env)
             if halt or signalled:
                 stopped = "signal" if signalled else "stop-after"
                 log.info(f"stopped at step {step} ({'signal' if signalled else '--stop-after'}); "
@@ -246,7 +244,7 @@ def _train(cfg: Config, env, run_dir: Path, stop_after: int | None, on_step) -> 
                 result["export"] = str(export_safetensors(run_dir / "exports" / f"ema-{step:08d}.safetensors",
                                                           ema_state, cfg.to_dict(), step, data.sample_shape,
                                                           flow.num_classes))
-            paths = write_samples(cfg, ema_flow(cfg, flow, ema), data, run_dir / "samples", step, log, env)
+            paths = write_previews(cfg, ema_flow(cfg, ema), data, run_dir / "samples", step, log, env)
             result["samples"] = [str(p) for p in paths]
         return result
     finally:
@@ -255,7 +253,7 @@ def _train(cfg: Config, env, run_dir: Path, stop_after: int | None, on_step) -> 
         distributed.teardown(env)
 
 
-def ema_flow(cfg: Config, flow, ema: EMA):
+def ema_flow(cfg: Config, ema: EMA):
     """The EMA network as a SolutionFlow (for sampling)."""
     from ..solution import SolutionFlow
 
@@ -265,8 +263,8 @@ def ema_flow(cfg: Config, flow, ema: EMA):
 def _check_finite(first_bad: torch.Tensor, total: int, last_saved, run_dir: Path) -> None:
     bad = int(first_bad.item())
     if bad <= total:
-        where = f"the last good checkpoint is step {last_saved} in {run_dir / 'checkpoints'}" if last_saved \
-            else "no checkpoint was written"
+        where = (f"the last good checkpoint is step {last_saved} in {run_dir / 'checkpoints'}"
+                 if last_saved is not None else "no checkpoint was written")  # step 0 is a checkpoint too
         raise TrainingError(f"non-finite loss at step {bad}; stopped without saving; {where}")
 
 
@@ -278,12 +276,14 @@ def _averaged(env, totals: dict, count: int) -> dict:
     return dict(zip(keys, values.tolist()))
 
 
-def _peak_memory_gb(device: torch.device) -> float:
+def _peak_memory_gb(device: torch.device) -> dict:
+    """Peak memory under a name that says what was measured: the tensors allocated on the CUDA
+    device, or the resident set of the whole process (ru_maxrss, kB on Linux) on CPU."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+        return {"peak_cuda_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30}
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+    return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 # Optimizer settings that come from the config: train.lr, train.betas, train.weight_decay, and
@@ -336,7 +336,7 @@ def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def write_samples(cfg: Config, flow, data, folder: Path, step: int, log, env) -> list[Path]:
+def write_previews(cfg: Config, flow, data, folder: Path, step: int, log, env) -> list[Path]:
     """EMA samples with fixed seeds at each configured NFE: a scatter plot for 2-D data, an image
     grid (one row per class) otherwise.  Sharded models sample on every rank; rank 0 writes."""
     from ..plots import image_grid, sample_title, scatter_panels
@@ -359,7 +359,7 @@ def write_samples(cfg: Config, flow, data, folder: Path, step: int, log, env) ->
         grids = {nfe: generate(cfg.method, flow, n, nfe, seed=seed, labels=labels) for nfe in cfg.train.sample_nfe}
         if cfg.data.name == "imagenet-latents":
             if not cfg.data.vae:
-                return []  # no decoder: nothing to look at
+                return []  # no decoder: nothing to look at (_train said so once at start)
             from ..data.latents import decode, load_vae
 
             vae = load_vae(cfg.data.vae, next(flow.parameters()).device)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ..plots import plural
-from .config import ConfigError
+from ..errors import ConfigError
 
 
 class _NoProgress:
@@ -99,7 +99,7 @@ class RunLog:
                 if k != "step":
                     self.writer.add_scalar(k, v, step)
         first = ["loss", "velocity_mse", "velocity_weight", "consistency_mse", "consistency_weight", "r"]
-        last = ["grad_norm", "samples_per_s", "peak_memory_gb"]
+        last = ["grad_norm", "samples_per_s", "peak_cuda_allocated_gb", "peak_rss_gb"]
         middle = [k for k in record if k not in first + last + ["step"]]
         parts = [f"{k} {record[k]:.4g}" for k in first + middle + last if k in record]
         self.info(f"{self._where(step)} | " + " | ".join(parts))
