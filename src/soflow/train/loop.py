@@ -8,10 +8,9 @@ with the weights of an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from .ema import EMA
 from .load import check_tensors
 from .lock import RunLock
 from .runlog import RunLog, plural
+from .stats import RunningStats
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -104,16 +104,90 @@ def _hold_run_dir(env, run_dir: Path) -> RunLock | None:
     return lock
 
 
+@dataclass
+class Run:
+    """What a training run holds between optimizer steps; `step` and `last_saved` advance."""
+
+    cfg: Config
+    env: distributed.Env
+    run_dir: Path
+    log: RunLog
+    data: object
+    fid: TrainingFID | None
+    flow: object  # SolutionFlow; flow.net is the bare (possibly sharded) network
+    ema: EMA
+    net_call: object  # what the objective calls: DDP/FSDP/compiled wrapper of flow.net
+    through_ddp: bool
+    optimizer: torch.optim.Optimizer
+    objective: object
+    scaler: torch.amp.GradScaler
+    params: list
+    stream: object
+    augment: AugmentPipe | None
+    step: int
+    last_saved: int | None  # step of the newest checkpoint of this run; None before the first
+
+
 def _train(cfg: Config, env, run_dir: Path, stop_after: int | None, on_step) -> dict:
+    run = _set_up(cfg, env, run_dir)
+    total, started, stopped = cfg.train.total_steps, run.step, None
+    stop, stop_flag = _StopSignal(), distributed.SharedFlag(env)
+    stats = RunningStats(total, cfg.train.batch_size, env.device)
+    try:
+        progress = run.log.start(cfg, run.step, run.flow.net, env.device, env.world)
+        while run.step < total and stopped is None:
+            loss, step_stats, grad_norm = _optimizer_step(run)
+            run.step += 1
+            stats.add(run.step, loss, grad_norm, step_stats)
+            progress.update(1)
+            if on_step is not None:
+                on_step(run.step, run.flow)
+            # a --stop-after that lands on the last step finishes the run (export and samples)
+            halt = stop_after is not None and run.step - started >= stop_after and run.step < total
+            stopped = _at_boundary(run, stats, halt, signalled=stop_flag.poll(stop.raised))
+        progress.close()
+        return _finish(run, stopped)
+    finally:
+        stop.restore()
+        run.log.close()
+        distributed.teardown(env)
+
+
+def _set_up(cfg: Config, env, run_dir: Path) -> Run:
+    """Data, model, EMA, resume, optimizer and data stream.  The order matters for exact resume:
+    the initial weights come from train.seed, then each rank's own random stream (or the
+    checkpoint's) takes over before the first batch is drawn."""
     t = cfg.train
     per_rank = per_rank_batch(cfg, env.world)
     torch.backends.cuda.matmul.allow_tf32 = t.tf32
     torch.backends.cudnn.allow_tf32 = t.tf32
     log = RunLog(run_dir, enabled=env.is_main, tensorboard=t.tensorboard)
-
-    # Model and EMA: identical initial weights on every rank; resumed weights load before sharding.
     data = make_dataset(cfg.data)
     fid = TrainingFID(cfg, data, env, run_dir, log) if t.fid_every else None  # its files fail here, not later
+    flow, ema, threads, resumed = _build_models(cfg, env, run_dir, log, data)
+    through_ddp = cfg.method != "meanflow"  # MeanFlow's JVP runs on the bare network
+    net_call = parallel.wrap(flow.net, ema.model, env, fsdp=t.fsdp, compile=t.compile, ddp=through_ddp)
+    optimizer = build_optimizer(cfg, flow.net.parameters())
+    objective = build_objective(cfg)
+    torch.manual_seed(derive_seed(t.seed, env.rank))  # noise, times, dropout differ per rank
+    step = 0 if resumed is None else _resume(cfg, env, log, optimizer, resumed, flow)
+    _announce(cfg, env, log, threads)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16")
+    params = [p for p in flow.net.parameters() if p.requires_grad]
+    stream = batches(data, t.seed, env.rank, env.world, per_rank, start=step * t.grad_accum,
+                     num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
+                     pin_memory=env.device.type == "cuda")
+    augment = AugmentPipe(p=cfg.data.augment_p) if cfg.data.augment_p > 0 else None
+    return Run(cfg=cfg, env=env, run_dir=run_dir, log=log, data=data, fid=fid, flow=flow, ema=ema,
+               net_call=net_call, through_ddp=through_ddp, optimizer=optimizer, objective=objective,
+               scaler=scaler, params=params, stream=stream, augment=augment, step=step,
+               last_saved=step if resumed is not None else None)
+
+
+def _build_models(cfg: Config, env, run_dir: Path, log: RunLog, data):
+    """The network and its EMA with identical initial weights on every rank; the newest usable
+    checkpoint's weights load here, before sharding.  Returns (flow, ema, threads, resumed)."""
+    t = cfg.train
     torch.manual_seed(t.seed)
     flow = build_flow(cfg, data.sample_shape, data.num_classes).to(env.device)
     threads = configure_threads(t.threads, flow.net, env.device)
@@ -130,127 +204,122 @@ def _train(cfg: Config, env, run_dir: Path, stop_after: int | None, on_step) -> 
         check_tensors(ema.model, resumed["ema"], resumed["path"], resumed["config"], cfg.to_dict())
         flow.net.load_state_dict(resumed["net"])
         ema.load_state_dict(resumed["ema"])
-    through_ddp = cfg.method != "meanflow"  # MeanFlow's JVP runs on the bare network
-    net_call = parallel.wrap(flow.net, ema.model, env, fsdp=t.fsdp, compile=t.compile, ddp=through_ddp)
-    optimizer = build_optimizer(cfg, flow.net.parameters())
-    objective = build_objective(cfg)
-    torch.manual_seed(derive_seed(t.seed, env.rank))  # noise, times, dropout differ per rank
+    return flow, ema, threads, resumed
 
-    step = 0
-    if resumed is not None:
-        applied = []
-        if resumed["optimizer"]:  # converted reference runs come without one
-            parallel.load_optimizer(flow.net, optimizer, resumed["optimizer"])
-            applied = _apply_optimizer_settings(optimizer)
-        step = int(resumed["step"])
-        rng = resumed["rng"]
-        if len(rng) != env.world:
-            if rng:
-                log.warn(f"warning: checkpoint written by {plural(len(rng), 'rank')}, resuming on {env.world}: "
-                         "random streams restart, so the run will not repeat an uninterrupted one exactly")
-            torch.manual_seed(derive_seed(t.seed, env.rank, step))
-        else:
-            _set_rng_state(rng[env.rank], env.device)
-        log.info(f"resumed from {resumed['path']} at step {step}")
-        changed = _config_changes(resumed["config"], cfg.to_dict())
-        if changed:
-            log.warn(f"warning: config differs from the checkpoint's in {', '.join(changed)}")
-        if applied:
-            log.info(f"optimizer settings of the config applied over the checkpoint's: {', '.join(applied)}")
+
+def _resume(cfg: Config, env, log: RunLog, optimizer, resumed: dict, flow) -> int:
+    """Optimizer state, step and this rank's random state from the checkpoint; returns the step."""
+    applied = []
+    if resumed["optimizer"]:  # converted reference runs come without one
+        parallel.load_optimizer(flow.net, optimizer, resumed["optimizer"])
+        applied = _apply_optimizer_settings(optimizer)
+    step = int(resumed["step"])
+    rng = resumed["rng"]
+    if len(rng) != env.world:
+        if rng:
+            log.warn(f"warning: checkpoint written by {plural(len(rng), 'rank')}, resuming on {env.world}: "
+                     "random streams restart, so the run will not repeat an uninterrupted one exactly")
+        torch.manual_seed(derive_seed(cfg.train.seed, env.rank, step))
+    else:
+        _set_rng_state(rng[env.rank], env.device)
+    log.info(f"resumed from {resumed['path']} at step {step}")
+    changed = _config_changes(resumed["config"], cfg.to_dict())
+    if changed:
+        log.warn(f"warning: config differs from the checkpoint's in {', '.join(changed)}")
+    if applied:
+        log.info(f"optimizer settings of the config applied over the checkpoint's: {', '.join(applied)}")
+    return step
+
+
+def _announce(cfg: Config, env, log: RunLog, threads: int) -> None:
+    """The run's config file, and the start-up notes that hold for the whole run."""
     log.save_config(dump(cfg))
     if cfg.data.name == "imagenet-latents" and not cfg.data.vae:
         log.warn("warning: no data.vae: latent sample grids are not decoded; set data.vae to see them")
     if env.device.type == "cpu":
+        t = cfg.train
         log.info(f"cpu: {threads} intra-op thread{'' if threads == 1 else 's'} per process (train.threads={t.threads})")
 
+
+def _optimizer_step(run: Run):
+    """One optimizer step at run.step: train.grad_accum micro-batches (DDP syncs gradients on the
+    last only), gradients averaged by hand where the network runs outside DDP, the norm measured
+    (no clipping), the scaler's step and the EMA update.  Returns (loss, stats, grad_norm) of the
+    last micro-batch, all device tensors."""
+    t, step = run.cfg.train, run.step
     dtype = AUTOCAST[t.precision]
-    scaler = torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16")
-    params = [p for p in flow.net.parameters() if p.requires_grad]
+    run.flow.train()
+    for micro in range(t.grad_accum):
+        x0, labels, augment_labels = _next_batch(run, micro)
+        sync = parallel.no_sync(run.net_call, last=micro == t.grad_accum - 1)
+        autocast = torch.autocast(run.env.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        with sync, autocast:
+            loss, stats = run.objective(run.flow, x0, labels, step=step, augment_labels=augment_labels,
+                                        net=run.net_call)
+        run.scaler.scale(loss / t.grad_accum).backward()
+    if not run.through_ddp:
+        parallel.average_gradients(run.params, run.env)
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = parallel.local_tensor(torch.nn.utils.clip_grad_norm_(run.params, float("inf")))
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.ema.update(run.flow.net, step)
+    return loss, stats, grad_norm
 
-    stream = batches(data, t.seed, env.rank, env.world, per_rank, start=step * t.grad_accum,
-                     num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
-                     pin_memory=env.device.type == "cuda")
-    augment = AugmentPipe(p=cfg.data.augment_p) if cfg.data.augment_p > 0 else None
-    stop = _StopSignal()
-    stop_flag = distributed.SharedFlag(env)
-    first_bad = torch.full((), t.total_steps + 1, dtype=torch.long, device=env.device)
-    totals, count, started, timer = {}, 0, step, time.perf_counter()
-    last_saved = step if resumed is not None else None
-    stopped = None
-    try:
-        progress = log.start(cfg, step, flow.net, env.device, env.world)
-        while step < t.total_steps:
-            flow.train()
-            for micro in range(t.grad_accum):
-                x0, labels = next(stream)
-                x0 = x0.to(env.device, non_blocking=True)
-                labels = None if labels is None else labels.to(env.device, non_blocking=True)
-                augment_labels = None
-                if augment is not None:  # EDM augmentation; its labels condition the network
-                    x0, augment_labels = augment(x0, generator(t.seed, step, micro, env.rank, 2))
-                sync = parallel.no_sync(net_call, last=micro == t.grad_accum - 1)
-                autocast = torch.autocast(env.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-                with sync, autocast:
-                    loss, stats = objective(flow, x0, labels, step=step, augment_labels=augment_labels, net=net_call)
-                scaler.scale(loss / t.grad_accum).backward()
-            if not through_ddp:
-                parallel.average_gradients(params, env)
-            scaler.unscale_(optimizer)
-            grad_norm = parallel.local_tensor(torch.nn.utils.clip_grad_norm_(params, float("inf")))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            ema.update(flow.net, step)
-            step += 1
 
-            # Bookkeeping without host syncs: remember the first non-finite step, sum the stats.
-            first_bad = torch.where(torch.isfinite(loss.detach()), first_bad, first_bad.clamp(max=step))
-            for k, v in {"loss": loss.detach(), "grad_norm": grad_norm, **stats}.items():
-                totals[k] = totals.get(k, 0) + v.float()
-            count += 1
-            progress.update(1)
-            if on_step is not None:
-                on_step(step, flow)
+def _next_batch(run: Run, micro: int):
+    """The next micro-batch on the device: (x0, labels, augment_labels)."""
+    x0, labels = next(run.stream)
+    x0 = x0.to(run.env.device, non_blocking=True)
+    labels = None if labels is None else labels.to(run.env.device, non_blocking=True)
+    augment_labels = None
+    if run.augment is not None:  # EDM augmentation; its labels condition the network
+        x0, augment_labels = run.augment(x0, generator(run.cfg.train.seed, run.step, micro, run.env.rank, 2))
+    return x0, labels, augment_labels
 
-            fid_due = fid is not None and fid.due(step, t.total_steps)
-            boundary = step % t.log_every == 0 or step % t.checkpoint_every == 0 or step == t.total_steps or fid_due
-            halt = stop_after is not None and step - started >= stop_after and step < t.total_steps
-            signalled = stop_flag.poll(stop.raised)
-            if boundary or halt or signalled:
-                _check_finite(first_bad, t.total_steps, last_saved, run_dir)
-            if step % t.log_every == 0 or step == t.total_steps:
-                elapsed = time.perf_counter() - timer
-                schedule = {"r": objective.ratio(step - 1)} if hasattr(objective, "ratio") else {}
-                log.metrics(step, _averaged(env, totals, count), **schedule, samples_per_s=count * t.batch_size / elapsed,
-                            **_peak_memory_gb(env.device))
-                totals, count, timer = {}, 0, time.perf_counter()
-            if step % t.checkpoint_every == 0 or step == t.total_steps or halt or signalled:
-                _save(env, run_dir, cfg, flow, ema, optimizer, step)
-                last_saved = step
-            if fid_due and not signalled:  # a stop request should not wait for thousands of samples
-                fid.evaluate(step, flow, ema)
-            if t.sample_every and step % t.sample_every == 0 and step < t.total_steps:
-                write_previews(cfg, ema_flow(cfg, ema), data, run_dir / "samples", step, log, env)
-            if halt or signalled:
-                stopped = "signal" if signalled else "stop-after"
-                log.info(f"stopped at step {step} ({'signal' if signalled else '--stop-after'}); "
-                         f"checkpoint saved, rerun the same command to resume")
-                break
-        progress.close()
-        result = {"step": step, "stopped": stopped}
-        if stopped is None:
-            ema_state, _ = parallel.full_state(ema.model)
-            if env.is_main:
-                result["export"] = str(export_safetensors(run_dir / "exports" / f"ema-{step:08d}.safetensors",
-                                                          ema_state, cfg.to_dict(), step, data.sample_shape,
-                                                          flow.num_classes))
-            paths = write_previews(cfg, ema_flow(cfg, ema), data, run_dir / "samples", step, log, env)
-            result["samples"] = [str(p) for p in paths]
-        return result
-    finally:
-        stop.restore()
-        log.close()
-        distributed.teardown(env)
+
+def _at_boundary(run: Run, stats: RunningStats, halt: bool, signalled: bool) -> str | None:
+    """After the optimizer step that reached run.step: the finite check, metrics, checkpoint, FID
+    and previews that are due.  Returns why the run stops ('signal', 'stop-after') or None."""
+    t, step = run.cfg.train, run.step
+    fid_due = run.fid is not None and run.fid.due(step, t.total_steps)
+    boundary = step % t.log_every == 0 or step % t.checkpoint_every == 0 or step == t.total_steps or fid_due
+    if boundary or halt or signalled:  # the only host sync on the loss: never save a non-finite model
+        _check_finite(stats.first_bad, t.total_steps, run.last_saved, run.run_dir)
+    if step % t.log_every == 0 or step == t.total_steps:
+        schedule = {"r": run.objective.ratio(step - 1)} if hasattr(run.objective, "ratio") else {}
+        means = stats.flush(run.env)
+        samples_per_s = means.pop("samples_per_s")
+        run.log.metrics(step, means, **schedule, samples_per_s=samples_per_s, **_peak_memory_gb(run.env.device))
+    if step % t.checkpoint_every == 0 or step == t.total_steps or halt or signalled:
+        _save(run.env, run.run_dir, run.cfg, run.flow, run.ema, run.optimizer, step)
+        run.last_saved = step
+    if fid_due and not signalled:  # a stop request should not wait for thousands of samples
+        run.fid.evaluate(step, run.flow, run.ema)
+    if t.sample_every and step % t.sample_every == 0 and step < t.total_steps:
+        write_previews(run.cfg, ema_flow(run.cfg, run.ema), run.data, run.run_dir / "samples", step, run.log, run.env)
+    if not (halt or signalled):
+        return None
+    run.log.info(f"stopped at step {step} ({'signal' if signalled else '--stop-after'}); "
+                 f"checkpoint saved, rerun the same command to resume")
+    return "signal" if signalled else "stop-after"
+
+
+def _finish(run: Run, stopped: str | None) -> dict:
+    """The result of train(); a run that reached total_steps also exports its EMA weights and
+    writes the final samples."""
+    result = {"step": run.step, "stopped": stopped}
+    if stopped is None:
+        ema_state, _ = parallel.full_state(run.ema.model)
+        if run.env.is_main:
+            result["export"] = str(export_safetensors(
+                run.run_dir / "exports" / f"ema-{run.step:08d}.safetensors", ema_state, run.cfg.to_dict(), run.step,
+                run.data.sample_shape, run.flow.num_classes))
+        paths = write_previews(run.cfg, ema_flow(run.cfg, run.ema), run.data, run.run_dir / "samples", run.step,
+                               run.log, run.env)
+        result["samples"] = [str(p) for p in paths]
+    return result
 
 
 def ema_flow(cfg: Config, ema: EMA):
@@ -266,14 +335,6 @@ def _check_finite(first_bad: torch.Tensor, total: int, last_saved, run_dir: Path
         where = (f"the last good checkpoint is step {last_saved} in {run_dir / 'checkpoints'}"
                  if last_saved is not None else "no checkpoint was written")  # step 0 is a checkpoint too
         raise TrainingError(f"non-finite loss at step {bad}; stopped without saving; {where}")
-
-
-def _averaged(env, totals: dict, count: int) -> dict:
-    if not totals:
-        return {}
-    keys = sorted(totals)
-    values = distributed.mean_over_ranks(env, torch.stack([totals[k] for k in keys]) / count)
-    return dict(zip(keys, values.tolist()))
 
 
 def _peak_memory_gb(device: torch.device) -> dict:
