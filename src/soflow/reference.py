@@ -112,7 +112,7 @@ def convert_reference_run(checkpoint: str | Path, config: str | Path, out: str |
     moments and step counts, from the reference's `finished_steps`, so on the same schedule r(k, K).
     """
     from .train.build import build_flow
-    from .train.checkpoint import FORMAT, atomic_save, checkpoint_dir
+    from .train.checkpoint import FORMAT, atomic_save, checkpoint_dir, run_state
     from .train.config import dump, load
 
     cfg = load(str(config))
@@ -131,9 +131,8 @@ def convert_reference_run(checkpoint: str | Path, config: str | Path, out: str |
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump(cfg))
-    atomic_save({"format": FORMAT, "step": step, "config": cfg.to_dict(), "sample_shape": list(data_shape),
-                 "num_classes": num_classes, "net": online, "ema": ema, "optimizer": optimizer, "rng": [],
-                 "world_size": 0}, checkpoint_dir(out) / f"ckpt-{step:08d}.pt")
+    atomic_save({"format": FORMAT, **run_state(step, cfg.to_dict(), data_shape, num_classes, online, ema, optimizer)},
+                checkpoint_dir(out) / f"ckpt-{step:08d}.pt")
     return out
 
 

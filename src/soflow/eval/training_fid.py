@@ -44,7 +44,7 @@ from ..errors import CheckpointError, EvalError
 from ..plots import to_uint8
 from ..sampling import generate
 from ..train import distributed, parallel
-from ..train.checkpoint import best_fid_paths, read_best_fid, save_best_fid
+from ..train.checkpoint import best_fid_paths, read_best_fid, run_state, save_best_fid
 from .fid import InceptionFeatures, frechet_distance, load_stats
 
 
@@ -226,9 +226,8 @@ class TrainingFID:
         ema_state, _ = parallel.full_state(ema.model)
         if self.env.is_main:
             # A run checkpoint without optimizer and RNG state: `soflow sample` reads it like any other.
-            state = {"step": step, "config": self.cfg.to_dict(), "sample_shape": list(flow.net.sample_shape),
-                     "num_classes": flow.num_classes, "net": net_state, "ema": ema_state, "optimizer": {},
-                     "rng": [], "world_size": self.env.world}
+            state = run_state(step, self.cfg.to_dict(), flow.net.sample_shape, flow.num_classes, net_state, ema_state,
+                              world_size=self.env.world)
             path = save_best_fid(self.run_dir, state, record)
             self.best = record
             self.log.info(f"best FID: {self.metric} {record['score']:.4f} at step {step}, EMA weights in {path}")

@@ -133,6 +133,15 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     return removed
 
 
+def run_state(step: int, config: dict, sample_shape, num_classes: int, net: dict, ema: dict,
+              optimizer: dict | None = None, rng: list | None = None, world_size: int = 0) -> dict:
+    """The contents of a run checkpoint (the one place its layout is written).  Without optimizer
+    and RNG state (converted or best-FID checkpoints) it still opens for sampling, and a resume
+    starts a fresh optimizer and fresh random streams."""
+    return {"step": step, "config": config, "sample_shape": list(sample_shape), "num_classes": num_classes,
+            "net": net, "ema": ema, "optimizer": optimizer or {}, "rng": rng or [], "world_size": world_size}
+
+
 def save_checkpoint(run_dir: Path, state: dict, keep_last: int, keep_every: int) -> Path:
     path = checkpoint_dir(run_dir) / f"ckpt-{state['step']:08d}.pt"
     try:

@@ -25,7 +25,8 @@ from ..threads import configure_threads
 from . import distributed, parallel
 from .build import build_flow, build_objective, build_optimizer
 from ..errors import CheckpointError, ConfigError, TrainingError
-from .checkpoint import export_safetensors, latest_checkpoint, remove_stale_temporaries, save_checkpoint
+from .checkpoint import (export_safetensors, latest_checkpoint, remove_stale_temporaries, run_state,
+                         save_checkpoint)
 from .config import Config, dump
 from .ema import EMA
 from .load import check_tensors
@@ -374,9 +375,8 @@ def _save(env, run_dir, cfg, flow, ema, optimizer, step) -> None:
     ema_state, _ = parallel.full_state(ema.model)
     failed = None
     if env.is_main:
-        state = {"step": step, "config": cfg.to_dict(), "sample_shape": list(flow.net.sample_shape),
-                 "num_classes": flow.num_classes, "net": net_state, "ema": ema_state, "optimizer": optimizer_state,
-                 "rng": [{k: v.cpu() for k, v in r.items()} for r in rng], "world_size": env.world}
+        state = run_state(step, cfg.to_dict(), flow.net.sample_shape, flow.num_classes, net_state, ema_state,
+                          optimizer_state, [{k: v.cpu() for k, v in r.items()} for r in rng], env.world)
         try:
             save_checkpoint(run_dir, state, cfg.train.keep_last, cfg.train.keep_every)
         except CheckpointError as e:
