@@ -35,8 +35,8 @@ import torch
 
 from soflow.data import make_dataset
 from soflow.data.stream import batches
-from soflow.train.build import build_flow, build_objective
-from soflow.train.config import load
+from soflow.run.build import build_flow, build_objective
+from soflow.run.config import load
 
 from record import git_commit, write_json  # benchmarks/record.py
 from write_latents import write_folder, write_hdf5  # benchmarks/write_latents.py

@@ -23,8 +23,8 @@ from soflow.data.images import fashion_mnist, to_float
 from soflow.eval.run import eval_fmnist, fmnist_scores
 from soflow.plots import image_grid
 from soflow.sampling import generate
-from soflow.train.config import load
-from soflow.train.load import load_run
+from soflow.run.config import load
+from soflow.run.load import load_run
 from soflow.train.loop import train
 
 from record import git_commit, write_json  # benchmarks/record.py

@@ -5,7 +5,7 @@ import json
 import os
 import sys
 
-from soflow.train.config import load
+from soflow.run.config import load
 from soflow.train.loop import train
 
 run_dir, out_dir, steps, extra = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]

@@ -12,7 +12,7 @@ from helpers import TINY, assert_one_line_error, soflow
 from soflow.nets import build
 from soflow.sampling import ode_sample, sample
 from soflow.solution import SolutionFlow
-from soflow.train.config import ConfigError, load
+from soflow.run.config import ConfigError, load
 from test_data import fake_fmnist
 
 
@@ -201,7 +201,7 @@ def test_every_project_error_is_a_soflow_error():
     from soflow.eval.fid import EvalError
     from soflow.reference import CheckpointError as ReferenceCheckpointError
     from soflow.safeload import UnreadableFile
-    from soflow.train.checkpoint import CheckpointError
+    from soflow.run.checkpoint import CheckpointError
     from soflow.train.loop import TrainingError
 
     # one class per kind, still importable from where it was defined before

@@ -131,6 +131,38 @@ def test_meanflow_gradient_matches_independent_implementation(omega, kappa, p):
     assert all(not s.requires_grad for s in stats.values())
 
 
+@pytest.mark.parametrize("r_equal", ["mixed", "none", "all"])
+def test_meanflow_jvp_skip_equals_jvp_on_every_row(monkeypatch, r_equal):
+    # the JVP on r != t rows only must give the loss, per-row errors and gradients of the JVP on all rows
+    import soflow.objectives.meanflow as mf
+
+    g = torch.Generator().manual_seed(7)
+    net = tiny_mlp()
+    flow = SolutionFlow(net)
+    x0, x1 = batch((9, 2), g)
+    t, r = times(9, g)
+    equal = {"mixed": torch.tensor([1, 0, 0, 1, 1, 0, 1, 0, 1]), "none": torch.zeros(9), "all": torch.ones(9)}[r_equal]
+    r = torch.where(equal.bool(), t, r)  # r = t rows interleaved with the others
+    y, mask = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2]), torch.tensor([False, True] + [False] * 7)
+    loss_fn = MeanFlowLoss(omega=1.5, kappa=0.2, t_min=0.0, t_max=1.0)
+
+    def run():
+        loss, stats = loss_fn.loss_on(flow, x0, x1, t, r, y, mask)
+        return (loss, stats["meanflow_mse"], *torch.autograd.grad(loss, list(net.parameters())))
+
+    skipped = run()
+    u, dudt = mf.average_velocity_where_needed(net, x0, t, r, x1, y)
+    u_all, dudt_all = average_velocity_and_derivative(net, x0, t, r, x1, y)
+    assert torch.allclose(u, u_all, rtol=1e-12, atol=1e-14)
+    moving = (r != t)[:, None]
+    assert torch.equal(dudt[~moving.squeeze(1)], torch.zeros_like(dudt[~moving.squeeze(1)]))
+    assert torch.allclose(dudt[moving.squeeze(1)], dudt_all[moving.squeeze(1)], rtol=1e-12, atol=1e-14)
+    monkeypatch.setattr(mf, "average_velocity_where_needed", average_velocity_and_derivative)
+    every_row = run()
+    for a, b in zip(skipped, every_row):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
 def test_meanflow_guidance_at_omega_one_kappa_zero_is_unguided():
     g = torch.Generator().manual_seed(5)
     net = tiny_mlp()
@@ -149,18 +181,23 @@ def test_meanflow_guidance_at_omega_one_kappa_zero_is_unguided():
     assert not torch.allclose(plain, guided)
 
 
-def test_meanflow_step_makes_one_forward_with_grad():
+def test_meanflow_step_makes_one_forward_with_grad_per_row():
+    # rows with r != t go through the JVP, rows with r = t through a plain forward: each row is
+    # forwarded with grad exactly once, and a batch of one kind makes a single forward with grad
     net = randomize(build("mlp", hidden=32, depth=2, num_classes=3), std=0.3)
     flow = SolutionFlow(net)
     seen = []
-    net.register_forward_hook(lambda m, args, out: seen.append(torch.is_grad_enabled()))
+    net.register_forward_hook(lambda m, args, out: seen.append((torch.is_grad_enabled(), args[0].shape[0])))
     loss_fn = MeanFlowLoss(omega=1.5, kappa=0.3, cfg_drop_rate=0.2)
     loss, _ = loss_fn(flow, torch.randn(16, 2), torch.randint(3, (16,)))
     loss.backward()
-    assert seen.count(True) == 1 and seen.count(False) == 1  # + the batched guidance forward
-    seen.clear()
-    MeanFlowLoss()(flow, torch.randn(16, 2))[0].backward()
-    assert seen == [True]
+    assert sorted(n for grad, n in seen if grad) == [4, 12]  # 25 % of the rows keep r != t
+    assert [grad for grad, _ in seen].count(False) == 1  # + the batched guidance forward
+    for ratio in (0.0, 0.25, 1.0):
+        seen.clear()
+        MeanFlowLoss(ratio_r_neq_t=ratio)(flow, torch.randn(16, 2))[0].backward()
+        assert all(grad for grad, _ in seen) and sum(n for _, n in seen) == 16
+        assert len(seen) == (2 if ratio == 0.25 else 1)
 
 
 def test_meanflow_call_on_dit_trains_and_samples_with_chain():

@@ -14,7 +14,7 @@ from PIL import Image
 
 import soflow
 from helpers import TINY, assert_one_line_error, soflow as run_soflow
-from soflow.train.config import preset_names
+from soflow.run.config import preset_names
 
 STEPS = 100
 NUM = 64

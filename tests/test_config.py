@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from helpers import DATA, assert_one_line_error, soflow
-from soflow.train.config import ConfigError, load
+from soflow.run.config import ConfigError, load
 
 
 def test_presets_and_overrides():
@@ -72,7 +72,7 @@ def test_reference_yaml_with_unknown_key_is_rejected(tmp_path):
 @pytest.mark.parametrize("size,steps", [("b4", 400_000), ("b2", 1_200_000), ("m2", 1_200_000), ("l2", 1_200_000),
                                         ("xl2", 1_200_000)])
 def test_imagenet_presets_come_from_one_template(size, steps):
-    from soflow.train.config import preset_names
+    from soflow.run.config import preset_names
 
     cfg = load(f"imagenet-dit-{size}")
     assert (cfg.model.net, cfg.train.total_steps) == (f"dit-{size}", steps)

@@ -113,8 +113,8 @@ WORKER = textwrap.dedent("""
     import json, os, sys
     from soflow.data.latents import LatentData
     from soflow.data.stream import batches
-    from soflow.train import distributed
-    from soflow.train.config import load
+    from soflow import distributed
+    from soflow.run.config import load
     from soflow.train.loop import per_rank_batch
 
     out, paths = sys.argv[1], sys.argv[2:]

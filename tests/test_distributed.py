@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from soflow.train.checkpoint import list_checkpoints, read_checkpoint
+from soflow.run.checkpoint import list_checkpoints, read_checkpoint
 
 WORKER = Path(__file__).parent / "dist_worker.py"
 

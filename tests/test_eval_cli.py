@@ -57,7 +57,7 @@ def test_eval_points_cli(tmp_path):
     soflow("sample", "--checkpoint", run, "--nfe", "2", "--num", "300", "--out", tmp_path / "x.npy", check=True)
     from soflow.data import make_dataset
     from soflow.eval.points import energy_distance, sliced_wasserstein2
-    from soflow.train.load import load_run
+    from soflow.run.load import load_run
 
     x = np.load(tmp_path / "x.npy")
     ref = make_dataset(load_run(run)[0].data).reference(300)

@@ -10,7 +10,7 @@ import time
 import torch
 
 from helpers import TINY, assert_one_line_error, on_full_disk, soflow
-from soflow.train.checkpoint import list_checkpoints, read_checkpoint
+from soflow.run.checkpoint import list_checkpoints, read_checkpoint
 
 STEPS = ["--set", "train.total_steps=300", "--set", "train.checkpoint_every=1", "--set", "train.keep_last=2",
          "--set", "train.log_every=50"]

@@ -120,7 +120,7 @@ def latent_data(tmp_path: Path) -> Path:
 def open_fid(cfg, run_dir):
     from soflow.data import make_dataset
     from soflow.eval.training_fid import TrainingFID
-    from soflow.train import distributed
+    from soflow import distributed
     from soflow.train.runlog import RunLog
 
     return TrainingFID(cfg, make_dataset(cfg.data), distributed.setup("cpu"), run_dir, RunLog(run_dir, enabled=False))
@@ -128,7 +128,7 @@ def open_fid(cfg, run_dir):
 
 def test_settings_checked_at_start_up(tmp_path, fid_files):
     from soflow.eval.fid import EvalError, save_stats
-    from soflow.train.config import ConfigError, load
+    from soflow.run.config import ConfigError, load
 
     _, ref, weights = fid_files
     for bad, needle in [("train.fid_num=1", "train.fid_num"), ("train.fid_dims=100", "train.fid_dims"),
@@ -153,8 +153,8 @@ def test_chunked_statistics_of_decoded_latents_equal_one_batch(tmp_path, fid_fil
     from soflow.eval.fid import InceptionFeatures, frechet_distance, load_stats, statistics
     from soflow.plots import to_uint8
     from soflow.sampling import sample
-    from soflow.train.build import build_flow
-    from soflow.train.config import load
+    from soflow.run.build import build_flow
+    from soflow.run.config import load
 
     _, ref, weights = fid_files
     vae = tiny_vae(tmp_path / "vae")
@@ -178,7 +178,7 @@ def test_two_ranks_score_what_one_rank_scores_on_the_same_weights(tmp_path, fid_
     """A two-rank FSDP run (gloo) logs FID of its EMA at step 2 (9 samples in blocks of 3: rank 1 has
     one block fewer and keeps step with a throw-away forward); the same function in one process on
     the EMA weights kept in best-fid.pt gives the same scores."""
-    from soflow.train.load import load_run
+    from soflow.run.load import load_run
 
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -104,7 +104,7 @@ def test_inception_weights_payload_cli(tmp_path, marker):
 
 
 def test_run_checkpoint_payload(tmp_path, marker):
-    from soflow.train.checkpoint import CheckpointError, read_checkpoint
+    from soflow.run.checkpoint import CheckpointError, read_checkpoint
 
     evil = evil_torch_file(tmp_path / "EVIL.pt", marker, key="net")
     with pytest.raises(CheckpointError) as e:
@@ -133,7 +133,7 @@ def test_reference_checkpoint_payload(tmp_path, marker):
 def test_plain_pickle_and_damaged_torch_files(tmp_path):
     """Not every refusal is a payload: a pickle of plain values that is not a torch file, and a
     truncated one, are one clean line too (PyTorch warns and advises on the first)."""
-    from soflow.train.checkpoint import CheckpointError, read_checkpoint
+    from soflow.run.checkpoint import CheckpointError, read_checkpoint
 
     plain = tmp_path / "plain.pt"
     with open(plain, "wb") as f:
@@ -154,9 +154,9 @@ def test_plain_pickle_and_damaged_torch_files(tmp_path):
 
 
 def toy_export(path):
-    from soflow.train.build import build_flow
-    from soflow.train.checkpoint import export_safetensors
-    from soflow.train.config import load
+    from soflow.run.build import build_flow
+    from soflow.run.checkpoint import export_safetensors
+    from soflow.run.config import load
 
     cfg = load("toy2d", ["model.net_args={hidden: 16, depth: 1}"])
     flow = build_flow(cfg, (2,), 0)
@@ -167,8 +167,8 @@ def test_damaged_safetensors_export(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from soflow.train.checkpoint import CheckpointError
-    from soflow.train.load import load_run
+    from soflow.run.checkpoint import CheckpointError
+    from soflow.run.load import load_run
 
     good = toy_export(tmp_path / "good.safetensors")
     assert load_run(good)[2] == 7

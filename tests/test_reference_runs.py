@@ -24,8 +24,8 @@ from conftest import randomize
 from helpers import DATA, assert_one_line_error, soflow
 from soflow.nets import build
 from soflow.reference import CheckpointError, convert_reference_run
-from soflow.train.checkpoint import list_checkpoints, read_checkpoint
-from soflow.train.config import ConfigError, load, preset_names
+from soflow.run.checkpoint import list_checkpoints, read_checkpoint
+from soflow.run.config import ConfigError, load, preset_names
 from soflow.train.loop import train
 from test_data import write_cifar
 

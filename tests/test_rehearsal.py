@@ -91,7 +91,7 @@ def fid_records(run: Path) -> list[dict]:
 
 
 def final_checkpoint(run: Path) -> dict:
-    from soflow.train.checkpoint import list_checkpoints, read_checkpoint
+    from soflow.run.checkpoint import list_checkpoints, read_checkpoint
 
     return read_checkpoint(list_checkpoints(run)[0][1])
 

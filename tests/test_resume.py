@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers import TINY, assert_one_line_error, on_full_disk, soflow
-from soflow.train.checkpoint import list_checkpoints, read_checkpoint
+from soflow.run.checkpoint import list_checkpoints, read_checkpoint
 
 BASE_STEPS = 10
 
@@ -120,7 +120,7 @@ def test_run_files_get_the_mode_of_new_files(base_run, tmp_path):
 def test_exports_write_what_safetensors_writes(tmp_path):
     from safetensors.torch import load_file, save
 
-    from soflow.train.checkpoint import export_safetensors, write_safetensors
+    from soflow.run.checkpoint import export_safetensors, write_safetensors
 
     state = {"w": torch.randn(3, 4), "d": torch.randn(5, dtype=torch.float64), "h": torch.randn(7).bfloat16(),
              "n": torch.tensor(3), "flag": torch.tensor([True, False, True]), "empty": torch.zeros(0, 2),
@@ -181,7 +181,7 @@ class _Payload:
 
 
 def test_best_fid_record_is_read_like_any_checkpoint(tmp_path):
-    from soflow.train.checkpoint import CheckpointError, best_fid_paths, read_best_fid, save_best_fid
+    from soflow.run.checkpoint import CheckpointError, best_fid_paths, read_best_fid, save_best_fid
 
     record = {"score": 1.5, "step": 3, "metric": "fid"}
     save_best_fid(tmp_path, {"ema": {"w": torch.ones(2)}}, record)

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from helpers import TINY, assert_one_line_error, soflow
-from soflow.train.config import ConfigError
+from soflow.run.config import ConfigError
 from soflow.train.lock import RunLock
 
 HOLD = """

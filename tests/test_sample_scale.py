@@ -89,7 +89,7 @@ def test_two_ranks_write_the_same_bytes_as_one_process(run64, small_run_two_rank
     # the samples of the Python API, in index order; the .npz is what numpy.savez writes (ADM: uint8 NHWC arr_0)
     from soflow.plots import to_uint8
     from soflow.sampling import sample
-    from soflow.train.load import load_run
+    from soflow.run.load import load_run
 
     _, flow, _ = load_run(run64)
     expect = to_uint8(sample(flow, 256, nfe=2, seed=7, batch_size=128))

@@ -7,7 +7,7 @@ import sys
 import torch
 
 from helpers import TINY
-from soflow.train.load import load_run
+from soflow.run.load import load_run
 from soflow.threads import SMALL_NETWORK, available_cores, choose_threads
 
 

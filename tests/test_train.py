@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import TINY, assert_one_line_error, soflow
-from soflow.train.checkpoint import list_checkpoints, read_checkpoint
+from soflow.run.checkpoint import list_checkpoints, read_checkpoint
 
 
 def train(run, *extra, **kw):

@@ -29,7 +29,7 @@ PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, NotADirector
 
 
 def cmd_train(args) -> int:
-    from .train.config import check_run_dir, dump, load, read_yaml
+    from .run.config import check_run_dir, dump, load, read_yaml
     from .train.loop import train
 
     run_dir = Path(args.run_dir)
@@ -63,9 +63,9 @@ def cmd_sample(args) -> int:
     import torch
 
     from .sampling import generate_chunks
-    from .train import distributed
-    from .train.config import unwritable
-    from .train.load import load_run
+    from . import distributed
+    from .run.config import unwritable
+    from .run.load import load_run
     from .writers import SampleOutput
 
     # The arguments are checked before a model is loaded, so that a wrong value costs no wait.
@@ -95,7 +95,7 @@ def cmd_sample(args) -> int:
         if args.class_id is not None and not flow.num_classes:
             raise ConfigError(f"--class {args.class_id}: the model is unconditional; leave --class out")
         from .sampling import guidance_problem
-        from .train.build import guided_training
+        from .run.build import guided_training
 
         problem = guidance_problem(flow, args.guidance, trained_with_dropout=guided_training(cfg))
         if problem:
@@ -167,7 +167,7 @@ def cmd_eval(args) -> int:
     import math
 
     from .eval.run import eval_fmnist, eval_points
-    from .train.config import unwritable
+    from .run.config import unwritable
 
     # The arguments are checked before a model is loaded or a sample drawn.
     count = ("--num", args.num) if args.eval_command == "points" else ("--per-class", args.per_class)
@@ -194,7 +194,7 @@ def cmd_eval(args) -> int:
 def cmd_encode_latents(args) -> int:
     from .data.images import ImageFolder
     from .data.latents import encode_latents
-    from .train.distributed import setup, teardown
+    from .distributed import setup, teardown
 
     env = setup(args.device or "auto")
     try:
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     import textwrap
 
     from . import __version__
-    from .train.config import preset_names
+    from .run.config import preset_names
 
     class Formatter(argparse.RawDescriptionHelpFormatter):
         """Keeps the examples' line breaks and appends each option's default, where it has one."""

@@ -111,9 +111,9 @@ def convert_reference_run(checkpoint: str | Path, config: str | Path, out: str |
     Model, EMA and optimizer state carry over: `soflow train` continues the run with its Adam/RAdam
     moments and step counts, from the reference's `finished_steps`, so on the same schedule r(k, K).
     """
-    from .train.build import build_flow
-    from .train.checkpoint import FORMAT, atomic_save, checkpoint_dir, run_state
-    from .train.config import dump, load
+    from .run.build import build_flow
+    from .run.checkpoint import FORMAT, atomic_save, checkpoint_dir, run_state
+    from .run.config import dump, load
 
     cfg = load(str(config))
     data_shape = {"cifar10": (3, 32, 32), "imagenet-latents": (4, 32, 32)}.get(cfg.data.name)
@@ -151,7 +151,7 @@ def convert_optimizer(state, net: nn.Module, reference_order: list[str], cfg, so
     keys of its `model` state dict).  The moments are checked against the parameters' shapes and
     the param-group hyperparameters against the config; an empty state gives {} (a fresh optimizer).
     """
-    from .train.build import build_optimizer
+    from .run.build import build_optimizer
 
     if state is None or state == {}:
         return {}

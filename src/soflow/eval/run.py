@@ -10,7 +10,7 @@ import torch
 from ..data import make_dataset
 from ..errors import EvalError
 from ..sampling import generate
-from ..train.load import load_run
+from ..run.load import load_run
 from .fid import (LAYER_DIMS, SPATIAL, InceptionFeatures, frechet_distance, inception_score, load_features,
                   load_images, load_stats, npz_keys, precision_recall, save_stats, statistics)
 from .points import energy_distance, sliced_wasserstein2
@@ -64,7 +64,7 @@ def _fmnist_test_statistics(data_path=None):
 def source_images(src: str, data_path: str | None = None) -> torch.Tensor:
     """uint8 NCHW images from a folder, an ADM-style .npz, or a dataset name (fmnist, cifar10)."""
     if src in ("fmnist", "cifar10"):
-        from ..train.config import DataConfig
+        from ..run.config import DataConfig
 
         return make_dataset(DataConfig(name=src, path=data_path)).images
     return load_images(src)

@@ -43,8 +43,9 @@ import torch
 from ..errors import CheckpointError, EvalError
 from ..plots import to_uint8
 from ..sampling import generate
-from ..train import distributed, parallel
-from ..train.checkpoint import best_fid_paths, read_best_fid, run_state, save_best_fid
+from .. import distributed
+from ..train import parallel
+from ..run.checkpoint import best_fid_paths, read_best_fid, run_state, save_best_fid
 from .fid import InceptionFeatures, frechet_distance, load_stats
 
 

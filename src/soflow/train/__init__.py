@@ -1,5 +1,4 @@
-"""Training system: config and presets, the loop (`loop.train`), checkpoints, the run lock,
-EMA, distributed set-up, and opening trained runs (`load.load_run`)."""
+"""Training: the loop (`loop.train`), the run lock, EMA, DDP/FSDP wrapping and running statistics."""
 
 from .ema import EMA
 

@@ -22,14 +22,15 @@ from ..data.augment import AugmentPipe
 from ..eval.training_fid import TrainingFID
 from ..seeding import derive_seed, generator
 from ..threads import configure_threads
-from . import distributed, parallel
-from .build import build_flow, build_objective, build_optimizer
+from .. import distributed
+from . import parallel
+from ..run.build import build_flow, build_objective, build_optimizer
 from ..errors import CheckpointError, ConfigError, TrainingError
-from .checkpoint import (export_safetensors, latest_checkpoint, remove_stale_temporaries, run_state,
+from ..run.checkpoint import (export_safetensors, latest_checkpoint, remove_stale_temporaries, run_state,
                          save_checkpoint)
-from .config import Config, dump
+from ..run.config import Config, dump
 from .ema import EMA
-from .load import check_tensors
+from ..run.load import check_tensors
 from .lock import RunLock
 from .runlog import RunLog, plural
 from .stats import RunningStats

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .distributed import Env
+from ..distributed import Env
 
 
 def shard(net: nn.Module) -> None:

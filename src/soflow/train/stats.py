@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from . import distributed
+from .. import distributed
 
 
 class RunningStats:
