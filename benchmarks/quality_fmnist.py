@@ -22,7 +22,7 @@ import torch
 from soflow.data.images import fashion_mnist, to_float
 from soflow.eval.run import eval_fmnist, fmnist_scores
 from soflow.plots import image_grid
-from soflow.sampling import generate
+from soflow.methods import generate
 from soflow.run.config import load
 from soflow.run.load import load_run
 from soflow.train.loop import train

@@ -27,7 +27,7 @@ import torch
 
 from soflow.data import make_dataset
 from soflow.eval import energy_distance, sliced_wasserstein2
-from soflow.sampling import generate
+from soflow.methods import generate
 from soflow.train.config import load
 from soflow.train.load import load_run
 from soflow.train.loop import train

@@ -198,7 +198,7 @@ def test_every_project_error_is_a_soflow_error():
     import soflow.cli
     from soflow import errors
     from soflow.data import DataError
-    from soflow.eval.fid import EvalError
+    from soflow.errors import EvalError
     from soflow.reference import CheckpointError as ReferenceCheckpointError
     from soflow.safeload import UnreadableFile
     from soflow.run.checkpoint import CheckpointError
@@ -228,7 +228,7 @@ def test_the_command_line_prints_soflow_errors_and_lets_faults_through(monkeypat
     def bad_input(args):
         raise DataError("data.path: first line\n  second line")
 
-    monkeypatch.setattr(soflow.cli, "cmd_eval", bad_input)
+    monkeypatch.setattr(soflow.cli.parser, "cmd_eval", bad_input)  # what the parser dispatches to
     monkeypatch.delenv("SOFLOW_DEBUG", raising=False)
     assert soflow.cli.main(["eval", "points", "--checkpoint", "run"]) == 2
     assert capsys.readouterr().err == "soflow eval: error: data.path: first line second line\n"
@@ -237,6 +237,6 @@ def test_the_command_line_prints_soflow_errors_and_lets_faults_through(monkeypat
         def crash(args, fault=fault):
             raise fault
 
-        monkeypatch.setattr(soflow.cli, "cmd_eval", crash)
+        monkeypatch.setattr(soflow.cli.parser, "cmd_eval", crash)
         with pytest.raises(type(fault)):
             soflow.cli.main(["eval", "points", "--checkpoint", "run"])

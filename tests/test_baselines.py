@@ -7,7 +7,8 @@ from conftest import randomize
 from soflow import SolutionFlow, sample
 from soflow.nets import build
 from soflow.nets.dit import math_attention
-from soflow.objectives import FlowMatchingLoss, MeanFlowLoss, SoFlowLoss, make_objective
+from soflow.objectives import FlowMatchingLoss, MeanFlowLoss, SoFlowLoss
+from soflow.run.config import load
 from soflow.objectives.meanflow import average_velocity_and_derivative
 from soflow.sampling import draw_inputs, ode_sample
 
@@ -268,12 +269,15 @@ def test_flow_matching_label_dropout_uses_null_class():
     assert torch.equal(seen[0], y)
 
 
-def test_make_objective():
-    assert isinstance(make_objective("soflow"), SoFlowLoss)
-    assert make_objective("meanflow", omega=2.0).omega == 2.0
-    assert make_objective("flow_matching", time_std=0.5).time_std == 0.5
-    with pytest.raises(ValueError, match="'consistency'.*soflow, meanflow, flow_matching"):
-        make_objective("consistency")
+def test_every_method_is_one_registry_entry():
+    from soflow.methods import METHODS, method
+
+    assert method("soflow").loss is SoFlowLoss and method("meanflow").loss is MeanFlowLoss
+    assert method("flow_matching").loss is FlowMatchingLoss
+    with pytest.raises(ValueError, match="'consistency'.*soflow, meanflow, flow_matching, shortcut"):
+        method("consistency")
+    for m in METHODS.values():  # each section is its loss, with that loss's defaults
+        assert isinstance(getattr(load(), m.section), m.loss)
 
 
 # ---------------------------------------------------------------- ODE sampling

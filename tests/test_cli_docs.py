@@ -14,7 +14,7 @@ from PIL import Image
 
 import soflow
 from helpers import TINY, assert_one_line_error, soflow as run_soflow
-from soflow.run.config import preset_names
+from soflow.run.presets import preset_names
 
 STEPS = 100
 NUM = 64
@@ -150,7 +150,7 @@ def test_module_docstring_lists_every_command():
     from soflow import cli
 
     subcommands = cli.build_parser()._subparsers._group_actions[0].choices
-    assert set(subcommands) == {"train", "sample", "encode-latents", "fid", "eval", "convert-reference"}
+    assert set(subcommands) == {"train", "sample", "export", "encode-latents", "fid", "eval", "convert-reference"}
     for name in subcommands:
         assert f"`{name}" in cli.__doc__, name
 

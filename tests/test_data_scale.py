@@ -19,7 +19,8 @@ import torch
 
 from helpers import assert_one_line_error, soflow
 from soflow.data import DataError
-from soflow.data.latents import SCALE, LatentData
+from soflow.data.latents import LatentData
+from soflow.data.vae import SCALE
 from soflow.data.sampler import epoch_indices
 from soflow.data.stream import batches
 

@@ -9,7 +9,7 @@ from PIL import Image
 from soflow.eval import (EvalError, InceptionFeatures, energy_distance, fid_from_images, frechet_distance,
                          inception_score, load_images, load_stats, save_stats, sliced_wasserstein2, statistics,
                          stats_from_images)
-from soflow.eval.fid import WEIGHTS_ENV, WEIGHTS_FILE
+from soflow.eval.inception import WEIGHTS_ENV, WEIGHTS_FILE
 
 
 def one_line(exc_info) -> str:

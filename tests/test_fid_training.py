@@ -127,7 +127,8 @@ def open_fid(cfg, run_dir):
 
 
 def test_settings_checked_at_start_up(tmp_path, fid_files):
-    from soflow.eval.fid import EvalError, save_stats
+    from soflow.errors import EvalError
+    from soflow.eval.fid import save_stats
     from soflow.run.config import ConfigError, load
 
     _, ref, weights = fid_files
@@ -149,8 +150,9 @@ def test_settings_checked_at_start_up(tmp_path, fid_files):
 def test_chunked_statistics_of_decoded_latents_equal_one_batch(tmp_path, fid_files):
     """Blocks of 3 summed in float64 give the mean, covariance and FID of all 7 samples at once:
     latents decoded by the VAE, uint8 as `soflow sample` writes them, balanced class labels."""
-    from soflow.data.latents import decode, load_vae
-    from soflow.eval.fid import InceptionFeatures, frechet_distance, load_stats, statistics
+    from soflow.data.vae import decode, load_vae
+    from soflow.eval.fid import frechet_distance, load_stats, statistics
+    from soflow.eval.inception import InceptionFeatures
     from soflow.plots import to_uint8
     from soflow.sampling import sample
     from soflow.run.build import build_flow

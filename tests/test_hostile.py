@@ -64,7 +64,8 @@ def images_npz(path, n=3):
 
 def test_inception_weights_payload_runs_nothing(tmp_path, marker, monkeypatch):
     pytest.importorskip("torch_fidelity")
-    from soflow.eval.fid import WEIGHTS_ENV, WEIGHTS_FILE, EvalError, InceptionFeatures
+    from soflow.errors import EvalError
+    from soflow.eval.inception import WEIGHTS_ENV, WEIGHTS_FILE, InceptionFeatures
 
     evil = evil_torch_file(tmp_path / "EVIL.pt", marker)
     with pytest.raises(EvalError) as e:
@@ -192,7 +193,9 @@ def test_damaged_safetensors_export(tmp_path):
 
 
 def test_object_arrays_in_npz(tmp_path, marker):
-    from soflow.eval.fid import EvalError, load_images, load_stats
+    from soflow.errors import EvalError
+    from soflow.eval.fid import load_stats
+    from soflow.eval.images import load_images
 
     stats = tmp_path / "stats.npz"
     np.savez(stats, mu=np.array([Payload(marker)], dtype=object), sigma=np.eye(1))

@@ -25,7 +25,8 @@ from helpers import DATA, assert_one_line_error, soflow
 from soflow.nets import build
 from soflow.reference import CheckpointError, convert_reference_run
 from soflow.run.checkpoint import list_checkpoints, read_checkpoint
-from soflow.run.config import ConfigError, load, preset_names
+from soflow.run.config import ConfigError, load
+from soflow.run.presets import preset_names
 from soflow.train.loop import train
 from test_data import write_cifar
 

@@ -1,8 +1,9 @@
 """soflow: Solution Flow Models for one- and few-step generation."""
 
 from . import nets
+from .pipeline import Pipeline
 from .sampling import sample
 from .solution import SolutionFlow
 
-__all__ = ["SolutionFlow", "nets", "sample"]
+__all__ = ["Pipeline", "SolutionFlow", "nets", "sample"]
 __version__ = "0.1.0"

@@ -27,12 +27,13 @@ def sample_title(method: str, nfe: int, mode: str | None = None, step: int | Non
                  guidance: float = 1.0, weights: str | None = None, label: int | None = None) -> str:
     """How samples were drawn, e.g. "1 NFE, renoise, class 3, step 4000, EMA weights".
 
-    `mode` None stands for each method's default sampler (as in `soflow.sampling.generate`):
-    renoise for soflow, chain for meanflow, euler for flow matching.  For flow matching `nfe` counts
-    ODE steps; Heun's method spends two evaluations on each step but the last.
+    `mode` None stands for the method's default sampler (soflow.methods).  For the ODE modes `nfe`
+    counts steps; Heun's method spends two evaluations on each step but the last.
     """
     if mode is None:
-        mode = {"meanflow": "chain", "flow_matching": "euler"}.get(method, "renoise")
+        from .methods import method as lookup
+
+        mode = lookup(method).modes[0]
     if mode == "heun":
         parts = [f"{2 * nfe - 1} NFE", f"heun, {plural(nfe, 'step')}"]
     else:

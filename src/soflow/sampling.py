@@ -25,7 +25,9 @@ from .paths import expand_as_rows
 from .seeding import generator
 from .solution import SolutionFlow
 
-MODES = ("renoise", "chain")
+SOLUTION_MODES = ("renoise", "chain")
+ODE_METHODS = ("euler", "heun")
+MODES = SOLUTION_MODES + ODE_METHODS
 
 
 def draw_inputs(shape: tuple, draws: int, num_classes: int, seed: int, indices) -> tuple[Tensor, Tensor | None]:
@@ -161,15 +163,13 @@ def sample(model: SolutionFlow, n: int, nfe: int = 1, *, seed: int = 0, labels=N
     """
     if nfe < 1:
         raise ConfigError(f"nfe must be >= 1, got {nfe}")
-    if mode not in MODES:
-        raise ConfigError(f"unknown sampling mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode not in SOLUTION_MODES:
+        raise ConfigError(f"unknown sampling mode {mode!r}; choose one of {', '.join(SOLUTION_MODES)}")
     _check_guidance(model, guidance)
     draws = nfe if mode == "renoise" else 1
     return _in_batches(model, n, draws, seed, labels, batch_size, first_index, device,
                        lambda noise, y: run_sampler(model, noise, nfe, y, mode, guidance))
 
-
-ODE_METHODS = ("euler", "heun")
 
 
 def _velocity(model: SolutionFlow, x: Tensor, t: float, labels, guidance: float) -> Tensor:
@@ -216,20 +216,9 @@ def ode_sample(model: SolutionFlow, n: int, steps: int, *, method: str = "euler"
                        lambda noise, y: run_ode(model, noise[:, 0], steps, y, method, guidance))
 
 
-def generate(method: str, model: SolutionFlow, n: int, nfe: int, *, mode: str | None = None, **kw) -> Tensor:
-    """Samples the way each training method is meant to be sampled with `nfe` evaluations:
-    soflow with `sample` (renoise by default), meanflow with `sample` in chain mode (its native
-    k-step rule), flow_matching by integrating its velocity (`mode` = euler | heun)."""
-    if method == "flow_matching":
-        return ode_sample(model, n, nfe, method=mode or "euler", **kw)
-    return sample(model, n, nfe=nfe, mode=mode or ("chain" if method == "meanflow" else "renoise"), **kw)
-
-
-def generate_chunks(method: str, model: SolutionFlow, first: int, last: int, nfe: int, *, batch_size: int = 256,
-                    **kw):
-    """`generate` for sample indices [first, last), yielded one batch (at most batch_size samples) at a
-    time so that a caller can store each batch before the next is drawn: memory stays at one batch
-    whatever the number of samples.  Sample i still depends only on (seed, i)."""
-    for start in range(first, last, batch_size):
-        yield generate(method, model, min(last, start + batch_size) - start, nfe, batch_size=batch_size,
-                       first_index=start, **kw)
+def draw(model: SolutionFlow, n: int, nfe: int, mode: str, **kw) -> Tensor:
+    """n samples with nfe evaluations in one of the MODES: a solution sampler (`sample`) or an ODE
+    solver on the velocity (`ode_sample`, nfe steps).  Methods pick theirs in soflow.methods."""
+    if mode in ODE_METHODS:
+        return ode_sample(model, n, nfe, method=mode, **kw)
+    return sample(model, n, nfe=nfe, mode=mode, **kw)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .paths import expand_as_rows, make_parameterization, make_path
+from .protocols import NoisingPath, Parameterization
 
 
 class SolutionFlow(nn.Module):
@@ -19,8 +20,8 @@ class SolutionFlow(nn.Module):
     def __init__(self, net: nn.Module, path: str = "linear", parameterization: str = "euler"):
         super().__init__()
         self.net = net
-        self.path = make_path(path)
-        self.param = make_parameterization(parameterization)
+        self.path: NoisingPath = make_path(path)
+        self.param: Parameterization = make_parameterization(parameterization)
 
     # -- coefficient math on a given network output (no validation, no host sync) --
 

@@ -297,12 +297,3 @@ def _copy_parts(dst, parts) -> None:
         with open(path, "rb") as f:
             f.seek(offset)
             shutil.copyfileobj(f, dst, COPY_BLOCK)
-
-
-def write_samples(out: str | Path, x: torch.Tensor) -> Path:
-    """Write in-memory samples x [N, ...] to `out` (one process)."""
-    output = SampleOutput(out, tuple(x.shape[1:]), len(x), 1, max(1, len(x)), token=f"w{os.getpid()}")
-    output.check_destination()
-    with output.writer(0) as w:
-        w.write(x)
-    return output.assemble()

@@ -5,13 +5,14 @@ and either `batch(seed, position, rank, world, n) -> (x0, labels)` (in memory) o
 from __future__ import annotations
 
 from ..errors import DataError
+from ..protocols import Dataset
 from .toy import TOYS, PointData, ToyData
 
 IMAGE_DATASETS = ("fmnist", "cifar10", "imagefolder", "imagenet-latents")
 DATASETS = (*TOYS, "points", *IMAGE_DATASETS)
 
 
-def make_dataset(data_cfg):
+def make_dataset(data_cfg) -> Dataset:
     name = data_cfg.name
     if name in TOYS:
         return ToyData(name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..protocols import Dataset
 from .sampler import epoch_indices
 
 
@@ -24,7 +25,7 @@ class StepBatches(torch.utils.data.Sampler):
 
 
 
-def batches(data, seed: int, rank: int, world: int, per_rank: int, start: int,
+def batches(data: Dataset, seed: int, rank: int, world: int, per_rank: int, start: int,
             num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False):
     """Yield (x0, labels) for data positions start, start + 1, ...
 

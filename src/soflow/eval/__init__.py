@@ -4,19 +4,10 @@ torch-fidelity (``pip install 'soflow[fid]'``) is only needed by :class:`Incepti
 imported when one is built.
 """
 
-from .fid import (
-    EvalError,
-    InceptionFeatures,
-    default_weights_path,
-    fid_from_images,
-    frechet_distance,
-    inception_score,
-    load_images,
-    load_stats,
-    save_stats,
-    statistics,
-    stats_from_images,
-)
+from ..errors import EvalError
+from .fid import fid_from_images, frechet_distance, inception_score, load_stats, save_stats, statistics, stats_from_images
+from .images import load_images
+from .inception import InceptionFeatures, default_weights_path
 from .points import energy_distance, sliced_wasserstein2
 
 __all__ = [

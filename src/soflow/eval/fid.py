@@ -19,30 +19,16 @@ ADM-style ``.npz`` whose ``arr_0`` is uint8 NHWC (what ``soflow sample --out X.n
 
 from __future__ import annotations
 
-import functools
-import io
-import os
 import zipfile
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Callable, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import EvalError, UnreadableFile
-
-WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
-WEIGHTS_ENV = "SOFLOW_INCEPTION_WEIGHTS"
-# torch-fidelity's release of the converted TensorFlow weights (same tensors as WEIGHTS_FILE).
-WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-# Feature sizes of the Inception layers (torch-fidelity's names) and of ADM's spatial features.
-SPATIAL = "spatial"
-SPATIAL_CHANNELS, SPATIAL_SIZE = 7, 17
-LAYER_DIMS = {"64": 64, "192": 192, "768": 768, "2048": 2048, SPATIAL: SPATIAL_CHANNELS * SPATIAL_SIZE ** 2}
-# torch-fidelity's feature names for its InceptionV3, and soflow's spatial features.
-FEATURE_NAMES = ("64", "192", "768", "2048", "logits_unbiased", "logits", SPATIAL)
+from ..errors import EvalError
+from .images import _check_images, _open_npz, _read_array, load_images
 
 ImagesLike = Union[Tensor, np.ndarray, str, Path]
 Stats = tuple[np.ndarray, np.ndarray]
@@ -151,46 +137,6 @@ def load_features(path: str | Path) -> np.ndarray:
     return f
 
 
-def npz_keys(path: str | Path) -> list[str]:
-    """The array names in an ``.npz`` file (nothing is read)."""
-    path = Path(path)
-    with _open_npz(path) as z:
-        return list(z.files)
-
-
-def _open_npz(path: Path):
-    if not path.is_file():
-        raise EvalError(f"{path}: no such file")
-    try:
-        z = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise EvalError(f"{path}: not a readable .npz file ({type(e).__name__}: {_first_line(e)})") from None
-    if not isinstance(z, np.lib.npyio.NpzFile):
-        raise EvalError(f"{path}: a single .npy array, not an .npz archive")
-    return z
-
-
-def _read_array(z, key: str, path: Path) -> np.ndarray:
-    """One array of an open ``.npz``. Object arrays are pickles, which soflow does not load."""
-    try:
-        a = z[key]
-    except ValueError as e:
-        if "allow_pickle" in str(e) or "Object arrays" in str(e):
-            raise EvalError(f"{path}: {key} holds Python objects, which soflow will not unpickle; "
-                            "expected a numeric array") from None
-        raise EvalError(f"{path}: {key} is unreadable ({type(e).__name__}: {_first_line(e)[:160]})") from None
-    except Exception as e:  # a damaged or truncated member
-        raise EvalError(f"{path}: {key} is unreadable ({type(e).__name__}: {_first_line(e)[:160]})") from None
-    if a.dtype.hasobject or a.dtype.kind not in "biuf":
-        raise EvalError(f"{path}: {key} has dtype {a.dtype}; expected a numeric array")
-    return a
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else ""
-
-
 # --------------------------------------------------------------------------------------------
 # Inception Score
 
@@ -258,220 +204,6 @@ def _feature_tensor(x, name: str) -> Tensor:
     if t.dim() != 2 or not t.is_floating_point():
         raise ValueError(f"precision_recall: {name} features must be floats [N, D], got {t.dtype} {tuple(t.shape)}")
     return t
-
-
-# --------------------------------------------------------------------------------------------
-# Inception features
-
-
-def default_weights_path() -> Path:
-    """$SOFLOW_INCEPTION_WEIGHTS, or ~/.cache/soflow/pt_inception-2015-12-05-6726825d.pth."""
-    env = os.environ.get(WEIGHTS_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "soflow" / WEIGHTS_FILE
-
-
-def load_inception_weights(path: str | Path) -> dict[str, Tensor]:
-    """The named tensors of an InceptionV3 weights file: a torch file (read with
-    ``weights_only=True``: tensors and plain values only, no code runs) or a ``.safetensors`` file.
-    Anything else is a one-line :class:`EvalError` naming the file."""
-    from ..safeload import load_safetensors, load_torch
-
-    path = Path(path)
-    try:
-        state = load_safetensors(path)[0] if path.suffix == ".safetensors" else load_torch(path)
-    except UnreadableFile as e:
-        if e.holds_objects:
-            raise EvalError(f"{path}: not InceptionV3 weights: {e}") from None
-        raise EvalError(f"{path}: not readable InceptionV3 weights ({e})") from None
-    if not isinstance(state, dict):
-        raise EvalError(f"{path}: not InceptionV3 weights: holds a {type(state).__name__}, expected named tensors")
-    odd = [str(k) for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v)]
-    if odd:
-        raise EvalError(f"{path}: not InceptionV3 weights: {odd[0][:80]!r} is not a named tensor")
-    return dict(state)  # a plain dict: missing batch-norm step counters are then filled in on load
-
-
-def _check_fit(net: torch.nn.Module, state: dict[str, Tensor], path: Path) -> None:
-    """Names and shapes of `state` against the network, in one line. The batch-norm step counters
-    (num_batches_tracked) may be absent, as they are from torch-fidelity's converted weights."""
-    own = net.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-             if k in state and state[k].shape != own[k].shape]
-    problems = ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
-               ([f"unexpected {', '.join(unexpected[:3])}"] if unexpected else []) + \
-               ([f"shape {', '.join(wrong[:3])}"] if wrong else [])
-    if problems:
-        more = f" ({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} of wrong shape)"
-        raise EvalError(f"{path}: not InceptionV3 weights for torch-fidelity's network: {'; '.join(problems)}{more}")
-
-
-@functools.lru_cache(maxsize=1)
-def _network_class():
-    """torch-fidelity's InceptionV3, built without loading weights.
-
-    Its constructor reads the weights with ``torch.load(path, weights_only=False)``, which runs any
-    code a file names. It is given an in-memory file holding an empty dict instead, whose loading
-    is skipped; soflow then copies in the tensors that :func:`load_inception_weights` read safely.
-    """
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    class InceptionV3WithoutLoading(FeatureExtractorInceptionV3):
-        def load_state_dict(self, state_dict, strict=True, assign=False):
-            if len(state_dict) == 0:  # the constructor's placeholder: keep the initial values
-                return None
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-    return InceptionV3WithoutLoading
-
-
-def _empty_torch_file() -> io.BytesIO:
-    buf = io.BytesIO()
-    torch.save({}, buf)
-    buf.seek(0)
-    return buf
-
-
-class InceptionFeatures:
-    """torch-fidelity's ``FeatureExtractorInceptionV3`` ('inception-v3-compat') on local weights.
-
-    ``weights_path`` defaults to :func:`default_weights_path`; a missing file is a one-line
-    ``FileNotFoundError`` that says where to put it, and a file that is not plain InceptionV3
-    tensors (torch or ``.safetensors``) a one-line :class:`EvalError`. ``features`` are
-    torch-fidelity feature names: the first one is what :meth:`__call__` returns (``'2048'``, the
-    pool features of FID, by default); ``'logits_unbiased'`` is for the Inception Score. Asking only
-    for an early layer (``'64'``, ``'192'``, ``'768'``) stops the network there.
-
-    ``'spatial'`` gives ADM's sFID features: the first 7 channels of the TensorFlow graph's
-    ``mixed_6/conv`` output, the 1x1 branch of the fourth 17x17 block (``Mixed_6d.branch1x1`` here,
-    after its ReLU), flattened in ADM's NHWC order to 17 * 17 * 7 = 2023 values.
-
-    Input: uint8 images [N, 3, H, W] or [N, 1, H, W] (grayscale is repeated to 3 channels), any
-    size: the network resizes to 299x299 itself. Extraction runs in batches of ``batch_size``.
-    """
-
-    def __init__(self, weights_path: str | Path | None = None, device: str | torch.device | None = None,
-                 batch_size: int = 64, features: Sequence[str] = ("2048", "logits_unbiased"),
-                 dtype: str | None = None):
-        path = Path(weights_path).expanduser() if weights_path is not None else default_weights_path()
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"Inception weights not found at {path}: download {WEIGHTS_URL} and save it as "
-                f"~/.cache/soflow/{WEIGHTS_FILE}, or set {WEIGHTS_ENV} to its path")
-        self.features = list(features)
-        if not self.features:
-            raise ValueError("InceptionFeatures: no features requested")
-        unknown = [f for f in self.features if f not in FEATURE_NAMES]
-        if unknown:
-            raise ValueError(f"InceptionFeatures: unknown feature {unknown[0]!r}; choose from {', '.join(FEATURE_NAMES)}")
-        # What the network itself returns; the spatial features are taken on the way, so the
-        # network must run past Mixed_6d (it stops early when only '64' or '192' is asked for).
-        self._net_features = [f for f in self.features if f != SPATIAL]
-        if SPATIAL in self.features and all(f in ("64", "192") for f in self._net_features):
-            self._net_features.append("768")
-        state = load_inception_weights(path)  # before torch-fidelity is imported: a bad file fails fast
-        try:
-            cls = _network_class()
-        except ImportError as e:
-            raise EvalError(f"Inception features need torch-fidelity ({_first_line(e)}): "
-                            "pip install 'soflow[fid]'") from None
-        net = cls("inception-v3-compat", self._net_features, feature_extractor_weights_path=_empty_torch_file(),
-                  feature_extractor_internal_dtype=dtype)
-        _check_fit(net, state, path)
-        torch.nn.Module.load_state_dict(net, state, strict=True)
-        self._spatial: Tensor | None = None
-        if SPATIAL in self.features:
-            net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        self.net = net.to(self.device)
-        self.batch_size = int(batch_size)
-        self.weights_path = path
-
-    def _keep_spatial(self, module, inputs, output: Tensor) -> None:
-        # [N, 192, 17, 17] -> first 7 channels, NHWC order as ADM flattens them -> [N, 2023]
-        x = output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1)
-        self._spatial = x.reshape(x.shape[0], -1)
-
-    @torch.inference_mode()
-    def extract(self, images) -> dict[str, Tensor]:
-        """{feature name: float32 CPU tensor [N, ...]} for uint8 images [N, 1 or 3, H, W]."""
-        x = _check_images(images)
-        outs: dict[str, list[Tensor]] = {f: [] for f in self.features}
-        for lo in range(0, x.shape[0], self.batch_size):
-            batch = x[lo:lo + self.batch_size].to(self.device)
-            if batch.shape[1] == 1:
-                batch = batch.repeat(1, 3, 1, 1)
-            self._spatial = None
-            named = dict(zip(self._net_features, self.net(batch)))
-            named[SPATIAL] = self._spatial
-            for name in self.features:
-                outs[name].append(named[name].float().cpu())
-        self._spatial = None
-        return {k: torch.cat(v) for k, v in outs.items()}
-
-    def __call__(self, images) -> Tensor:
-        """The first requested feature (pool features by default) as float32 [N, D]."""
-        return self.extract(images)[self.features[0]]
-
-
-def _check_images(images) -> Tensor:
-    x = torch.from_numpy(images) if isinstance(images, np.ndarray) else images
-    if not torch.is_tensor(x) or x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] not in (1, 3) or x.shape[0] < 1:
-        desc = f"{x.dtype} {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
-        raise ValueError(f"expected uint8 images [N, 1 or 3, H, W], got {desc}")
-    return x
-
-
-# --------------------------------------------------------------------------------------------
-# Reading samples
-
-
-def load_images(src: str | Path) -> Tensor:
-    """uint8 images [N, 3, H, W] (or [N, 1, H, W] for a grayscale ``.npz``) from SRC:
-
-    - a folder: every .png/.jpg/.jpeg below it (recursively), sorted by relative path, converted
-      to RGB; all must have the same size;
-    - an ``.npz`` whose ``arr_0`` is uint8 [N, H, W, C] (ADM's sample format), C in {1, 3}.
-    """
-    src = Path(src)
-    if src.is_dir():
-        return _load_folder(src)
-    if src.suffix.lower() == ".npz" or src.is_file():
-        with _open_npz(src) as z:
-            if "arr_0" not in z.files:
-                raise EvalError(f"{src}: no arr_0 (found {', '.join(z.files) or 'nothing'}); expected uint8 NHWC "
-                                "images in arr_0")
-            arr = _read_array(z, "arr_0", src)
-        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3) or arr.shape[0] < 1:
-            raise EvalError(f"{src}: arr_0 is {arr.dtype} {arr.shape}; expected uint8 [N, H, W, 1 or 3]")
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
-    raise EvalError(f"{src}: no such folder or .npz file")
-
-
-def _load_folder(folder: Path) -> Tensor:
-    from PIL import Image
-
-    files = sorted((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
-                   key=lambda p: p.relative_to(folder).as_posix())
-    if not files:
-        raise EvalError(f"{folder}: no .png/.jpg/.jpeg images found")
-    out = None
-    for i, f in enumerate(files):
-        try:
-            with Image.open(f) as im:
-                arr = np.asarray(im.convert("RGB"))
-        except Exception as e:
-            raise EvalError(f"{f}: cannot read image ({type(e).__name__}: {_first_line(e)})") from None
-        if out is None:
-            out = np.empty((len(files), *arr.shape), np.uint8)
-        elif arr.shape != out.shape[1:]:
-            raise EvalError(f"{f}: size {arr.shape[1]}x{arr.shape[0]} differs from "
-                            f"{out.shape[2]}x{out.shape[1]} of {files[0]}")
-        out[i] = arr
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,22 +9,23 @@ import torch
 
 from ..data import make_dataset
 from ..errors import EvalError
-from ..sampling import generate
-from ..run.load import load_run
-from .fid import (LAYER_DIMS, SPATIAL, InceptionFeatures, frechet_distance, inception_score, load_features,
-                  load_images, load_stats, npz_keys, precision_recall, save_stats, statistics)
+from ..pipeline import Pipeline
+from .fid import frechet_distance, inception_score, load_features, load_stats, precision_recall, save_stats, statistics
+from .images import load_images, npz_keys
+from .inception import LAYER_DIMS, SPATIAL, InceptionFeatures
 from .points import energy_distance, sliced_wasserstein2
 
 
 def eval_points(checkpoint, nfe: int, num: int = 2000, seed: int = 0, warn=print) -> dict:
     """Energy distance and sliced W2 between `num` generated points and `num` data points."""
-    cfg, flow, step = load_run(checkpoint, warn=warn)
+    pipe = Pipeline.from_pretrained(checkpoint, warn=warn)
+    cfg = pipe.config
     data = make_dataset(cfg.data)
     if len(data.sample_shape) != 1:
         raise EvalError(f"{checkpoint}: `eval points` is for vector data; this run trains on {cfg.data.name}")
-    x = generate(cfg.method, flow, num, nfe, seed=seed)
+    x = pipe.sample(num, nfe, seed=seed)
     ref = data.reference(num)
-    return {"method": cfg.method, "nfe": nfe, "step": step, "num": num, "energy_distance": energy_distance(x, ref),
+    return {"method": cfg.method, "nfe": nfe, "step": pipe.step, "num": num, "energy_distance": energy_distance(x, ref),
             "sliced_w2": sliced_wasserstein2(x, ref)}
 
 
@@ -32,12 +33,13 @@ def eval_fmnist(checkpoint, nfe: int, per_class: int = 100, seed: int = 0, data_
                 guidance: float = 1.0) -> dict:
     """`fmnist_scores` of per_class samples of each class.  guidance != 1 samples with
     classifier-free guidance (two network forwards per evaluation)."""
-    cfg, flow, step = load_run(checkpoint, warn=warn)
-    if cfg.data.name != "fmnist" or not flow.num_classes:
+    pipe = Pipeline.from_pretrained(checkpoint, warn=warn)
+    cfg = pipe.config
+    if cfg.data.name != "fmnist" or not pipe.flow.num_classes:
         raise EvalError(f"{checkpoint}: `eval fmnist` needs a class-conditional Fashion-MNIST run")
     labels = torch.arange(10).repeat_interleave(per_class)
-    x = generate(cfg.method, flow, len(labels), nfe, seed=seed, labels=labels, guidance=guidance)
-    return {"method": cfg.method, "nfe": nfe, "guidance": guidance, "step": step,
+    x = pipe.sample(len(labels), nfe, seed=seed, labels=labels, guidance=guidance)
+    return {"method": cfg.method, "nfe": nfe, "guidance": guidance, "step": pipe.step,
             **fmnist_scores(x, labels, data_path or cfg.data.path)}
 
 

@@ -42,11 +42,13 @@ import torch
 
 from ..errors import CheckpointError, EvalError
 from ..plots import to_uint8
-from ..sampling import generate
+from ..pipeline import Pipeline
+from ..solution import SolutionFlow
 from .. import distributed
 from ..train import parallel
 from ..run.checkpoint import best_fid_paths, read_best_fid, run_state, save_best_fid
-from .fid import InceptionFeatures, frechet_distance, load_stats
+from .fid import frechet_distance, load_stats
+from .inception import InceptionFeatures
 
 
 def metric_name(nfe: int) -> str:
@@ -95,7 +97,7 @@ class TrainingFID:
         except (ValueError, OSError, RuntimeError) as e:  # a missing torch-fidelity is an EvalError too
             raise EvalError(f"train.fid_inception: {e}") from None
         if cfg.data.name == "imagenet-latents":  # latents are decoded to pixels before Inception sees them
-            from ..data.latents import load_vae
+            from ..data.vae import load_vae
 
             try:
                 self.vae = load_vae(cfg.data.vae, self.env.device)
@@ -110,11 +112,9 @@ class TrainingFID:
     def evaluate(self, step: int, flow, ema) -> dict[str, float]:
         """Score the EMA network (a collective: every rank calls it), log fid_nfeK to the run's
         metrics, and keep checkpoints/best-fid.pt when the first NFE's score is the best so far."""
-        from ..solution import SolutionFlow
-
         started = time.perf_counter()
-        sampler = SolutionFlow(ema.model, self.cfg.model.path, self.cfg.model.parameterization)
-        scores = self.scores(sampler)
+        flow_ema = SolutionFlow(ema.model, self.cfg.model.path, self.cfg.model.parameterization)
+        scores = self.scores(flow_ema)
         self.log.metrics(step, scores, fid_seconds=time.perf_counter() - started)
         record = {"step": step, "metric": self.metric, "score": scores[self.metric], "scores": scores,
                   "num": self.num, "dims": self.dims, "ref": self.ref_path}
@@ -131,7 +131,7 @@ class TrainingFID:
 
     # ------------------------------------------------------------------ the score
 
-    def scores(self, flow) -> dict[str, float]:
+    def scores(self, flow: SolutionFlow) -> dict[str, float]:
         """{fid_nfeK: FID} of `flow`'s samples, the same on every rank.  The matrix square roots
         (seconds each at 2048 features) are shared out: rank j % world scores the j-th NFE."""
         mine, failures = {}, []
@@ -151,21 +151,23 @@ class TrainingFID:
         return {metric_name(nfe): out[metric_name(nfe)] for nfe in self.nfes}
 
     @torch.no_grad()
-    def statistics(self, flow, nfe: int) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and unbiased covariance of the Inception features of all fid_num samples (every rank)."""
+    def statistics(self, flow: SolutionFlow, nfe: int) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and unbiased covariance of the Inception features of all fid_num samples (every rank),
+        drawn and decoded as `soflow sample` does (through a Pipeline)."""
+        pipe = Pipeline(flow, self.cfg, vae_model=self.vae)
         d = self.shift.numel()
         total = torch.zeros(1 + d + d * d, dtype=torch.float64, device=self.env.device)
         count, s1, s2 = total[:1], total[1:1 + d], total[1 + d:].view(d, d)
         blocks, rounds = self._blocks()
         # A sharded network gathers its weights in every forward, so all ranks make the same number
         # of forwards: a rank with fewer blocks draws one throw-away sample per missing block.
-        rounds = rounds if parallel.is_sharded(flow.net) else len(blocks)
+        rounds = rounds if parallel.is_sharded(pipe.flow.net) else len(blocks)
         for k in range(rounds):
             if k >= len(blocks):
-                self._sample(flow, nfe, 0, 1)
+                self._sample(pipe, nfe, 0, 1, decode=False)
                 continue
             lo, hi = blocks[k]
-            f = self._features(flow, nfe, lo, hi) - self.shift
+            f = self._features(pipe, nfe, lo, hi) - self.shift
             count += hi - lo
             s1 += f.sum(0)
             s2.addmm_(f.T, f)
@@ -184,19 +186,15 @@ class TrainingFID:
         mine = range(self.env.rank * per_rank, min(num_blocks, (self.env.rank + 1) * per_rank))
         return [(b * size, min(self.num, (b + 1) * size)) for b in mine], per_rank
 
-    def _sample(self, flow, nfe: int, lo: int, hi: int) -> torch.Tensor:
-        k = flow.num_classes
+    def _sample(self, pipe: Pipeline, nfe: int, lo: int, hi: int, decode: bool = True) -> torch.Tensor:
+        k = pipe.flow.num_classes
         labels = torch.arange(lo, hi) % k if k else None  # balanced classes (module docstring)
-        return generate(self.cfg.method, flow, hi - lo, nfe, seed=self.seed, labels=labels,
-                        batch_size=self.batch_size, first_index=lo)
+        return pipe.sample(hi - lo, nfe, first=lo, decode=decode, seed=self.seed, labels=labels,
+                           batch_size=self.batch_size)
 
-    def _features(self, flow, nfe: int, lo: int, hi: int) -> torch.Tensor:
+    def _features(self, pipe: Pipeline, nfe: int, lo: int, hi: int) -> torch.Tensor:
         """Inception features [hi - lo, fid_dims] (float64, on the run's device) of samples lo .. hi - 1."""
-        x = self._sample(flow, nfe, lo, hi)
-        if self.vae is not None:
-            from ..data.latents import decode
-
-            x = decode(self.vae, x.float())
+        x = self._sample(pipe, nfe, lo, hi)
         images = torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2)  # the rounding of `soflow sample`
         return self.extractor(images).to(self.env.device, torch.float64)
 

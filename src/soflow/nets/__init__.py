@@ -2,7 +2,7 @@
 
 from .dit import DiT
 from .mlp import ResidualMLP
-from .registry import REGISTRY, build, canonical_name
+from .registry import REGISTRY, build, canonical_name, data_args
 from .unet import SongUNet
 
-__all__ = ["DiT", "SongUNet", "ResidualMLP", "REGISTRY", "build", "canonical_name"]
+__all__ = ["DiT", "SongUNet", "ResidualMLP", "REGISTRY", "build", "canonical_name", "data_args"]

@@ -148,6 +148,12 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """F(x, t, s, y) on [B, C, H, W] latents; `num_classes=0` makes it unconditional."""
 
+    @staticmethod
+    def data_args(sample_shape: tuple, num_classes: int, null_class: bool, augment_dim: int) -> dict:
+        """Constructor arguments fixed by the data: [C, H, W] latents or images, classes (+ null)."""
+        return dict(in_channels=sample_shape[0], input_size=sample_shape[-1], num_classes=num_classes,
+                    null_class=null_class)
+
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
                  num_classes: int = 1000, null_class: bool = True):

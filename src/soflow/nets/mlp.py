@@ -10,6 +10,11 @@ from .dit import timestep_embedding
 
 
 class ResidualMLP(nn.Module):
+    @staticmethod
+    def data_args(sample_shape: tuple, num_classes: int, null_class: bool, augment_dim: int) -> dict:
+        """Constructor arguments fixed by the data: [D] points, classes (+ null)."""
+        return dict(dim=sample_shape[0], num_classes=num_classes, null_class=null_class)
+
     def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, time_dim: int = 64,
                  num_classes: int = 0, null_class: bool = True, time_scale: float = 1000.0):
         super().__init__()

@@ -1,4 +1,8 @@
-"""Network names -> constructors.  `build("dit-b2", num_classes=10)` overrides any argument."""
+"""Network names -> constructors.  `build("dit-b2", num_classes=10)` overrides any argument.
+
+Each network class also says which of its arguments the data fix (`data_args(sample_shape,
+num_classes, null_class, augment_dim)`), so a new network touches only this package.
+"""
 
 from __future__ import annotations
 
@@ -39,6 +43,11 @@ def canonical_name(name: str) -> str:
     if key not in REGISTRY:
         raise ConfigError(f"unknown network {name!r}; choose one of {', '.join(sorted(REGISTRY))}")
     return key
+
+
+def data_args(name: str, sample_shape: tuple, num_classes: int, null_class: bool, augment_dim: int) -> dict:
+    """The constructor arguments of network `name` that follow from the data."""
+    return REGISTRY[canonical_name(name)].func.data_args(tuple(sample_shape), num_classes, null_class, augment_dim)
 
 
 def build(name: str, **overrides) -> nn.Module:

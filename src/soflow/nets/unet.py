@@ -137,6 +137,13 @@ class PositionalEmbedding(nn.Module):
 class SongUNet(nn.Module):
     """F(x, t, s, augment_labels) on [B, C, H, W] images; `label_dim` > 0 adds one-hot class input."""
 
+    @staticmethod
+    def data_args(sample_shape: tuple, num_classes: int, null_class: bool, augment_dim: int) -> dict:
+        """Constructor arguments fixed by the data: [C, H, W] images, classes, EDM augment labels.
+        The U-Net takes a one-hot class vector, so dropped labels need no extra null row."""
+        return dict(in_channels=sample_shape[0], out_channels=sample_shape[0], img_resolution=sample_shape[-1],
+                    label_dim=num_classes, augment_dim=augment_dim)
+
     def __init__(self, img_resolution: int = 32, in_channels: int = 3, out_channels: int = 3,
                  label_dim: int = 0, augment_dim: int = 6, model_channels: int = 128,
                  channel_mult=(2, 2, 2), channel_mult_emb: int = 4, num_blocks: int = 4,

@@ -1,18 +1,9 @@
-"""Training objectives: callables returning (loss, stats)."""
+"""Training objectives: callables returning (loss, stats).  Which method uses which, and how its
+models are sampled: soflow.methods."""
 
-from ..errors import ConfigError
 from .flow_matching import FlowMatchingLoss
 from .meanflow import MeanFlowLoss
+from .shortcut import ShortcutLoss
 from .soflow import Rows, SoFlowLoss
 
-OBJECTIVES = {"soflow": SoFlowLoss, "meanflow": MeanFlowLoss, "flow_matching": FlowMatchingLoss}
-
-
-def make_objective(method: str, **kwargs):
-    """The loss of a training method ("soflow" | "meanflow" | "flow_matching") built with kwargs."""
-    if method not in OBJECTIVES:
-        raise ConfigError(f"unknown training method {method!r}; choose one of {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[method](**kwargs)
-
-
-__all__ = ["Rows", "SoFlowLoss", "MeanFlowLoss", "FlowMatchingLoss", "OBJECTIVES", "make_objective"]
+__all__ = ["Rows", "SoFlowLoss", "MeanFlowLoss", "FlowMatchingLoss", "ShortcutLoss"]

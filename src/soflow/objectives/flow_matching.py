@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..paths import conditional_velocity, interpolate
 from ..solution import SolutionFlow
 from ..times import logit_normal
+from . import checks
 
 
 @dataclass
@@ -36,8 +37,11 @@ class FlowMatchingLoss:
     eps: float = 0.01
 
     def __post_init__(self):
-        if not 0.0 <= self.cfg_drop_rate <= 1.0:
-            raise ValueError(f"cfg_drop_rate must lie in [0, 1], got {self.cfg_drop_rate}")
+        checks.number("time_mean", self.time_mean)
+        checks.positive("time_std", self.time_std)
+        checks.in_unit_interval("cfg_drop_rate", self.cfg_drop_rate)
+        checks.non_negative("p", self.p)
+        checks.positive("eps", self.eps)
 
     def __call__(self, flow: SolutionFlow, x0: Tensor, labels: Tensor | None = None, step: int = 0,
                  augment_labels: Tensor | None = None, net: nn.Module | None = None) -> tuple[Tensor, dict]:

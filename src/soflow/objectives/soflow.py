@@ -8,14 +8,15 @@ the host.  Statistics come back as detached tensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from ..paths import conditional_velocity, expand_as_rows, interpolate
 from ..solution import SolutionFlow
-from ..times import consistency_times, guidance_decay, logit_normal, middle_ratio
+from ..times import SCHEDULES, consistency_times, guidance_decay, logit_normal, middle_ratio
+from . import checks
 
 
 @dataclass
@@ -87,14 +88,36 @@ class SoFlowLoss:
     schedule: str = "exponent"
     r_init: float = 0.1
     r_end: float = 0.002
-    total_steps: int = 400_000
+    # K of r(k, K); in a run config it is train.total_steps, not a key of its own
+    total_steps: int = field(default=400_000, metadata={"from": "train.total_steps"})
 
     def __post_init__(self):
-        middle_ratio(self.schedule, 0, 1, self.r_init, self.r_end)  # validates the schedule name
-        if not 0.0 <= self.velocity_loss_ratio <= 1.0:
-            raise ValueError(f"velocity_loss_ratio must lie in [0, 1], got {self.velocity_loss_ratio}")
-        if len(self.time_mean) != 3 or len(self.time_std) != 3:
-            raise ValueError("time_mean and time_std need 3 entries: flow-matching t, consistency s, consistency t")
+        checks.non_negative("p", self.p)
+        checks.positive("eps", self.eps)  # the weight 1 / (mse + eps)^p stays finite only for eps > 0
+        for name in ("velocity_loss_ratio", "cfg_drop_rate", "mix_ratio"):
+            checks.in_unit_interval(name, getattr(self, name))
+        checks.number("cfg_scale", self.cfg_scale)
+        checks.number("cfg_decay_time", self.cfg_decay_time)
+        what = "flow-matching t, consistency s, consistency t"
+        self.time_mean = checks.numbers("time_mean", self.time_mean, 3, what)
+        self.time_std = checks.numbers("time_std", self.time_std, 3, what)
+        if not all(x > 0 for x in self.time_std):
+            raise ValueError(f"time_std: the logit-normal spreads must be positive, got {list(self.time_std)}")
+        self._check_middle_ratio()
+
+    def _check_middle_ratio(self) -> None:
+        """r(k, K) places the middle time l = t + (s - t) r between s (r = 1) and t (r = 0), so every
+        schedule needs r_init and r_end in [0, 1]; the exponent schedule r_init (r_end / r_init)^(k / K)
+        also divides by r_init and takes powers of the ratio, so both must be above 0."""
+        if str(self.schedule).lower() not in SCHEDULES:
+            raise ValueError(f"schedule: unknown middle-time schedule {self.schedule!r}; choose one of "
+                             f"{', '.join(SCHEDULES)}")
+        for name in ("r_init", "r_end"):
+            value = getattr(self, name)
+            checks.in_unit_interval(name, value, " (the middle time sits between s and t)")
+            if str(self.schedule).lower() == "exponent" and value == 0:
+                raise ValueError(f"{name}: the exponent schedule needs r_init and r_end above 0, got 0; "
+                                 "use a small positive value or schedule=linear")
 
     @property
     def guided(self) -> bool:
@@ -225,3 +248,40 @@ class SoFlowLoss:
             sign = torch.sign(flow.param.b(cons.t, cons.s))
         stats["consistency_mse"], stats["consistency_weight"] = mse.mean(), weight.mean()
         return (sign * _mean_per_row(out_t * dq) * weight).mean()
+
+
+def check_labels_for_guidance(loss: SoFlowLoss, has_labels: bool, data_name: str, key: str = "objective.") -> None:
+    """Refuse the training-time guidance settings whose meaning differs from the reference trainer's.
+
+    The reference guides only when the batch has labels and cfg_scale > 1; only then does it drop
+    labels (cfg_drop_rate) and mix in the model's own velocity (mix_ratio).  This loss drops
+    labels whenever cfg_drop_rate > 0 and guides whenever cfg_scale != 1 or mix_ratio != 1, so the
+    combinations below would train something else under the same names.  cfg_decay_time needs no
+    check: g(t) is the same function in both for every value (>= 1 switches the decay off).
+    `key` prefixes the setting names in the messages (their config section).
+    """
+    w, m, drop = loss.cfg_scale, loss.mix_ratio, loss.cfg_drop_rate
+    if not has_labels:
+        set_keys = [f"{key}{k}={v}" for k, v, off in (("cfg_scale", w, 1), ("mix_ratio", m, 1),
+                                                         ("cfg_drop_rate", drop, 0)) if v != off]
+        if set_keys:
+            fix = " or data.conditional=true" if data_name in ("fmnist", "cifar10") else ""
+            raise ValueError(f"{', '.join(set_keys)}: training-time guidance needs class labels, but data.name="
+                             f"{data_name} gives none; set {key}cfg_scale=1, {key}mix_ratio=1 and "
+                             f"{key}cfg_drop_rate=0{fix}")
+        return
+    if w < 1:
+        raise ValueError(f"{key}cfg_scale={w}: guidance scales below 1 are not trained (the reference guides "
+                         f"only above 1); set {key}cfg_scale=1 (no guidance) or a value above 1")
+    if w == 1 and m != 1:
+        raise ValueError(f"{key}mix_ratio={m} with {key}cfg_scale=1: without guidance the reference ignores "
+                         f"mix_ratio while soflow would mix in the model's own velocity; set {key}mix_ratio=1, "
+                         f"or guide with {key}cfg_scale above 1")
+    if w == 1 and drop > 0:
+        raise ValueError(f"{key}cfg_drop_rate={drop} with {key}cfg_scale=1: the reference drops labels only "
+                         f"when it guides (and refuses this pair); set {key}cfg_drop_rate=0, or guide with "
+                         f"{key}cfg_scale above 1")
+    if w > 1 and drop == 0:
+        raise ValueError(f"{key}cfg_scale={w} with {key}cfg_drop_rate=0: the guided target needs the "
+                         "unconditional velocity of the null class, which only label dropout trains; set "
+                         f"{key}cfg_drop_rate above 0 (the reference uses 0.1), or {key}cfg_scale=1")

@@ -2,31 +2,23 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
+from ..data.augment import AUGMENT_DIM
 from ..errors import ConfigError
-from ..nets import build, canonical_name
-from ..objectives import SoFlowLoss, make_objective
+from ..methods import method
+from ..nets import build, data_args
+from ..protocols import Objective
 from ..solution import SolutionFlow
 from .config import Config
 
 
 def network_args(cfg: Config, sample_shape: tuple, num_classes: int) -> dict:
-    """The network's constructor arguments: data-dependent sizes first, then model.net_args."""
-    name = canonical_name(cfg.model.net)
-    guided = guided_training(cfg)
-    if name == "mlp":
-        args = dict(dim=sample_shape[0], num_classes=num_classes, null_class=guided)
-    elif name.startswith("dit"):
-        args = dict(in_channels=sample_shape[0], input_size=sample_shape[-1], num_classes=num_classes, null_class=guided)
-    else:
-        from ..data.augment import AUGMENT_DIM
-
-        args = dict(in_channels=sample_shape[0], out_channels=sample_shape[0], img_resolution=sample_shape[-1],
-                    label_dim=num_classes, augment_dim=AUGMENT_DIM if cfg.data.augment_p > 0 else 0)
-    return {**args, **cfg.model.net_args}
+    """The network's constructor arguments: those the data fix (the network's own `data_args`), then
+    model.net_args over them."""
+    augment_dim = AUGMENT_DIM if cfg.data.augment_p > 0 else 0
+    return {**data_args(cfg.model.net, sample_shape, num_classes, guided_training(cfg), augment_dim),
+            **cfg.model.net_args}
 
 
 def build_flow(cfg: Config, sample_shape: tuple, num_classes: int) -> SolutionFlow:
@@ -40,19 +32,14 @@ def build_flow(cfg: Config, sample_shape: tuple, num_classes: int) -> SolutionFl
     return SolutionFlow(net, cfg.model.path, cfg.model.parameterization)
 
 
-def build_objective(cfg: Config):
-    """The loss of `cfg.method` with its config section."""
-    if cfg.method == "soflow":
-        o = dataclasses.asdict(cfg.objective)
-        return SoFlowLoss(**{**o, "time_mean": tuple(o["time_mean"]), "time_std": tuple(o["time_std"])},
-                          total_steps=cfg.train.total_steps)
-    return make_objective(cfg.method, **dataclasses.asdict(getattr(cfg, cfg.method)))
+def build_objective(cfg: Config) -> Objective:
+    """The loss of `cfg.method`: its config section (validated, K = train.total_steps filled in)."""
+    return getattr(cfg, method(cfg.method).section)
 
 
 def guided_training(cfg: Config) -> bool:
     """Whether labels are dropped to the null class in training (so the network needs that row)."""
-    section = cfg.objective if cfg.method == "soflow" else getattr(cfg, cfg.method)
-    return section.cfg_drop_rate > 0
+    return build_objective(cfg).cfg_drop_rate > 0
 
 
 def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:

@@ -15,25 +15,29 @@ from pathlib import Path
 
 import torch
 
-from ..data import make_dataset
-from ..data.stream import batches
-from ..sampling import generate
-from ..data.augment import AugmentPipe
-from ..eval.training_fid import TrainingFID
-from ..seeding import derive_seed, generator
-from ..threads import configure_threads
 from .. import distributed
-from . import parallel
+from ..data import make_dataset
+from ..data.augment import AugmentPipe
+from ..data.stream import batches
+from ..errors import ConfigError, TrainingError
+from ..eval.training_fid import TrainingFID
+from ..methods import method
+from ..pipeline import Pipeline
+from ..protocols import Objective
 from ..run.build import build_flow, build_objective, build_optimizer
-from ..errors import CheckpointError, ConfigError, TrainingError
-from ..run.checkpoint import (export_safetensors, latest_checkpoint, remove_stale_temporaries, run_state,
-                         save_checkpoint)
+from ..run.checkpoint import export_safetensors, latest_checkpoint, remove_stale_temporaries
 from ..run.config import Config, dump
-from .ema import EMA
 from ..run.load import check_tensors
+from ..seeding import derive_seed, generator
+from ..solution import SolutionFlow
+from ..threads import configure_threads
+from . import parallel
+from .ema import EMA
 from .lock import RunLock
+from .previews import write_previews
+from .state import resume, save_run_state
 from .runlog import RunLog, plural
-from .stats import RunningStats
+from .stats import RunningStats, peak_memory_gb
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -53,19 +57,6 @@ class _StopSignal:
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-def _rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def per_rank_batch(cfg: Config, world: int) -> int:
@@ -121,11 +112,12 @@ class Run:
     net_call: object  # what the objective calls: DDP/FSDP/compiled wrapper of flow.net
     through_ddp: bool
     optimizer: torch.optim.Optimizer
-    objective: object
+    objective: Objective
     scaler: torch.amp.GradScaler
     params: list
     stream: object
     augment: AugmentPipe | None
+    preview: Pipeline  # the EMA network, for sample figures
     step: int
     last_saved: int | None  # step of the newest checkpoint of this run; None before the first
 
@@ -167,12 +159,12 @@ def _set_up(cfg: Config, env, run_dir: Path) -> Run:
     data = make_dataset(cfg.data)
     fid = TrainingFID(cfg, data, env, run_dir, log) if t.fid_every else None  # its files fail here, not later
     flow, ema, threads, resumed = _build_models(cfg, env, run_dir, log, data)
-    through_ddp = cfg.method != "meanflow"  # MeanFlow's JVP runs on the bare network
+    through_ddp = method(cfg.method).through_ddp
     net_call = parallel.wrap(flow.net, ema.model, env, fsdp=t.fsdp, compile=t.compile, ddp=through_ddp)
     optimizer = build_optimizer(cfg, flow.net.parameters())
     objective = build_objective(cfg)
     torch.manual_seed(derive_seed(t.seed, env.rank))  # noise, times, dropout differ per rank
-    step = 0 if resumed is None else _resume(cfg, env, log, optimizer, resumed, flow)
+    step = 0 if resumed is None else resume(cfg, env, log, optimizer, resumed, flow)
     _announce(cfg, env, log, threads)
     scaler = torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16")
     params = [p for p in flow.net.parameters() if p.requires_grad]
@@ -183,6 +175,7 @@ def _set_up(cfg: Config, env, run_dir: Path) -> Run:
     return Run(cfg=cfg, env=env, run_dir=run_dir, log=log, data=data, fid=fid, flow=flow, ema=ema,
                net_call=net_call, through_ddp=through_ddp, optimizer=optimizer, objective=objective,
                scaler=scaler, params=params, stream=stream, augment=augment, step=step,
+               preview=Pipeline(SolutionFlow(ema.model, cfg.model.path, cfg.model.parameterization), cfg),
                last_saved=step if resumed is not None else None)
 
 
@@ -207,30 +200,6 @@ def _build_models(cfg: Config, env, run_dir: Path, log: RunLog, data):
         flow.net.load_state_dict(resumed["net"])
         ema.load_state_dict(resumed["ema"])
     return flow, ema, threads, resumed
-
-
-def _resume(cfg: Config, env, log: RunLog, optimizer, resumed: dict, flow) -> int:
-    """Optimizer state, step and this rank's random state from the checkpoint; returns the step."""
-    applied = []
-    if resumed["optimizer"]:  # converted reference runs come without one
-        parallel.load_optimizer(flow.net, optimizer, resumed["optimizer"])
-        applied = _apply_optimizer_settings(optimizer)
-    step = int(resumed["step"])
-    rng = resumed["rng"]
-    if len(rng) != env.world:
-        if rng:
-            log.warn(f"warning: checkpoint written by {plural(len(rng), 'rank')}, resuming on {env.world}: "
-                     "random streams restart, so the run will not repeat an uninterrupted one exactly")
-        torch.manual_seed(derive_seed(cfg.train.seed, env.rank, step))
-    else:
-        _set_rng_state(rng[env.rank], env.device)
-    log.info(f"resumed from {resumed['path']} at step {step}")
-    changed = _config_changes(resumed["config"], cfg.to_dict())
-    if changed:
-        log.warn(f"warning: config differs from the checkpoint's in {', '.join(changed)}")
-    if applied:
-        log.info(f"optimizer settings of the config applied over the checkpoint's: {', '.join(applied)}")
-    return step
 
 
 def _announce(cfg: Config, env, log: RunLog, threads: int) -> None:
@@ -290,17 +259,17 @@ def _at_boundary(run: Run, stats: RunningStats, halt: bool, signalled: bool) -> 
     if boundary or halt or signalled:  # the only host sync on the loss: never save a non-finite model
         _check_finite(stats.first_bad, t.total_steps, run.last_saved, run.run_dir)
     if step % t.log_every == 0 or step == t.total_steps:
-        schedule = {"r": run.objective.ratio(step - 1)} if hasattr(run.objective, "ratio") else {}
+        schedule = method(run.cfg.method).logged(run.objective, step - 1)
         means = stats.flush(run.env)
         samples_per_s = means.pop("samples_per_s")
-        run.log.metrics(step, means, **schedule, samples_per_s=samples_per_s, **_peak_memory_gb(run.env.device))
+        run.log.metrics(step, means, **schedule, samples_per_s=samples_per_s, **peak_memory_gb(run.env.device))
     if step % t.checkpoint_every == 0 or step == t.total_steps or halt or signalled:
-        _save(run.env, run.run_dir, run.cfg, run.flow, run.ema, run.optimizer, step)
+        save_run_state(run.env, run.run_dir, run.cfg, run.flow, run.ema, run.optimizer, step)
         run.last_saved = step
     if fid_due and not signalled:  # a stop request should not wait for thousands of samples
         run.fid.evaluate(step, run.flow, run.ema)
     if t.sample_every and step % t.sample_every == 0 and step < t.total_steps:
-        write_previews(run.cfg, ema_flow(run.cfg, run.ema), run.data, run.run_dir / "samples", step, run.log, run.env)
+        write_previews(run.preview, run.data, run.run_dir / "samples", step, run.log, run.env)
     if not (halt or signalled):
         return None
     run.log.info(f"stopped at step {step} ({'signal' if signalled else '--stop-after'}); "
@@ -318,17 +287,9 @@ def _finish(run: Run, stopped: str | None) -> dict:
             result["export"] = str(export_safetensors(
                 run.run_dir / "exports" / f"ema-{run.step:08d}.safetensors", ema_state, run.cfg.to_dict(), run.step,
                 run.data.sample_shape, run.flow.num_classes))
-        paths = write_previews(run.cfg, ema_flow(run.cfg, run.ema), run.data, run.run_dir / "samples", run.step,
-                               run.log, run.env)
+        paths = write_previews(run.preview, run.data, run.run_dir / "samples", run.step, run.log, run.env)
         result["samples"] = [str(p) for p in paths]
     return result
-
-
-def ema_flow(cfg: Config, ema: EMA):
-    """The EMA network as a SolutionFlow (for sampling)."""
-    from ..solution import SolutionFlow
-
-    return SolutionFlow(ema.model, cfg.model.path, cfg.model.parameterization)
 
 
 def _check_finite(first_bad: torch.Tensor, total: int, last_saved, run_dir: Path) -> None:
@@ -337,99 +298,3 @@ def _check_finite(first_bad: torch.Tensor, total: int, last_saved, run_dir: Path
         where = (f"the last good checkpoint is step {last_saved} in {run_dir / 'checkpoints'}"
                  if last_saved is not None else "no checkpoint was written")  # step 0 is a checkpoint too
         raise TrainingError(f"non-finite loss at step {bad}; stopped without saving; {where}")
-
-
-def _peak_memory_gb(device: torch.device) -> dict:
-    """Peak memory under a name that says what was measured: the tensors allocated on the CUDA
-    device, or the resident set of the whole process (ru_maxrss, kB on Linux) on CPU."""
-    if device.type == "cuda":
-        return {"peak_cuda_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30}
-    import resource
-
-    return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-
-
-# Optimizer settings that come from the config: train.lr, train.betas, train.weight_decay, and
-# train.optimizer (AdamW decouples its weight decay, RAdam does not).
-CONFIGURED = ("lr", "betas", "weight_decay", "decoupled_weight_decay")
-
-
-def _apply_optimizer_settings(optimizer) -> list[str]:
-    """Put the settings the optimizer was built with (the config's) back into every parameter
-    group once its state is loaded: load_state_dict restores the values the checkpoint was saved
-    with, so a resume with changed settings would silently keep the old ones.  Returns
-    "name old -> new" for each setting that changed."""
-    applied = []
-    for name in (n for n in CONFIGURED if n in optimizer.defaults):
-        value = optimizer.defaults[name]
-        before = {tuple(g[name]) if isinstance(g.get(name), list) else g.get(name) for g in optimizer.param_groups}
-        if before != {value}:
-            applied.append(f"{name} {', '.join(map(str, before))} -> {value}")
-        for group in optimizer.param_groups:
-            group[name] = value
-    return applied
-
-
-def _save(env, run_dir, cfg, flow, ema, optimizer, step) -> None:
-    rng = distributed.all_gather_objects(env, _rng_state(env.device))
-    net_state, optimizer_state = parallel.full_state(flow.net, optimizer)
-    ema_state, _ = parallel.full_state(ema.model)
-    failed = None
-    if env.is_main:
-        state = run_state(step, cfg.to_dict(), flow.net.sample_shape, flow.num_classes, net_state, ema_state,
-                          optimizer_state, [{k: v.cpu() for k, v in r.items()} for r in rng], env.world)
-        try:
-            save_checkpoint(run_dir, state, cfg.train.keep_last, cfg.train.keep_every)
-        except CheckpointError as e:
-            failed = str(e)
-    failed = distributed.all_gather_objects(env, failed)[0]  # also the barrier: every rank stops on a failed write
-    if failed:
-        raise CheckpointError(failed)
-
-
-def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_changes(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(prefix + k)
-    return out
-
-
-def write_previews(cfg: Config, flow, data, folder: Path, step: int, log, env) -> list[Path]:
-    """EMA samples with fixed seeds at each configured NFE: a scatter plot for 2-D data, an image
-    grid (one row per class) otherwise.  Sharded models sample on every rank; rank 0 writes."""
-    from ..plots import image_grid, sample_title, scatter_panels
-    from ..writers import write_figure
-
-    if not (env.is_main or parallel.is_sharded(flow.net)):
-        return []
-    seed, k = cfg.train.seed, data.num_classes
-    if len(data.sample_shape) == 1:
-        n = cfg.train.sample_num
-        panels = {"data": data.reference(n)}
-        panels.update({sample_title(cfg.method, nfe): generate(cfg.method, flow, n, nfe, seed=seed)[:, :2].cpu()
-                       for nfe in cfg.train.sample_nfe})
-        paths = [write_figure(folder / f"step{step:08d}.png", scatter_panels, panels,
-                              title=f"step {step}, EMA weights")] if env.is_main else []
-    else:
-        classes = torch.linspace(0, k - 1, min(k, 10)).round().long() if k else None  # at most 10 rows
-        labels = classes.repeat_interleave(10) if k else None
-        n = len(labels) if k else 64
-        grids = {nfe: generate(cfg.method, flow, n, nfe, seed=seed, labels=labels) for nfe in cfg.train.sample_nfe}
-        if cfg.data.name == "imagenet-latents":
-            if not cfg.data.vae:
-                return []  # no decoder: nothing to look at (_train said so once at start)
-            from ..data.latents import decode, load_vae
-
-            vae = load_vae(cfg.data.vae, next(flow.parameters()).device)
-            grids = {nfe: decode(vae, x) for nfe, x in grids.items()}
-        paths = [write_figure(folder / f"step{step:08d}-nfe{nfe}.png", image_grid, x,
-                              rows=len(classes) if k else None,
-                              title=sample_title(cfg.method, nfe, step=step, weights="ema"))
-                 for nfe, x in grids.items()] if env.is_main else []
-    for p in paths:
-        log.samples(p)
-    return paths

@@ -51,3 +51,17 @@ class RunningStats:
         means["samples_per_s"] = self.count * self.batch_size / elapsed
         self._restart()
         return means
+
+
+def peak_memory_gb(device: torch.device) -> dict:
+    """Peak memory under a name that says what was measured: the tensors allocated on the CUDA
+    device, or the resident set of the whole process (ru_maxrss, kB on Linux) on CPU."""
+    if device.type == "cuda":
+        return {"peak_cuda_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    import resource
+
+    return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+# Optimizer settings that come from the config: train.lr, train.betas, train.weight_decay, and
+# train.optimizer (AdamW decouples its weight decay, RAdam does not).

@@ -1,0 +1,130 @@
+"""`soflow sample`: samples of a trained run, over all torchrun ranks, into one output file."""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import ConfigError, SoflowError
+
+
+def cmd_sample(args) -> int:
+    """Rank r draws a contiguous range of whole batches (per-sample seeds make the result independent
+    of the number of ranks) and streams them, batch by batch, into its part of the output; rank 0 then
+    assembles the parts.  A rank holds one batch of float samples at a time, whatever --num."""
+    from .. import distributed
+    from ..plots import plural
+
+    check_arguments(args)  # before a model is loaded, so that a wrong value costs no wait
+    with _sigterm_unwinds():
+        env = distributed.setup(args.device or "auto")
+        output = None
+        try:
+            pipe = _open(args, env)
+            output = _output(args, pipe, env)
+            _write_parts(args, pipe, output, env)
+            if env.is_main:
+                out = output.assemble()
+                print(f"{plural(args.num, 'sample')} ({pipe.config.method}, {output.title}) written to "
+                      f"{Path(out).resolve()}")
+        finally:
+            if output is not None and env.is_main:
+                output.discard()
+            distributed.teardown(env)
+    return 0
+
+
+def check_arguments(args) -> None:
+    from ..distributed import DEVICES
+    from ..run.folder import unwritable
+
+    if str(args.device or "auto").lower() not in DEVICES:
+        raise ConfigError(f"--device {args.device}: choose one of {', '.join(DEVICES)}")
+    for flag, value in (("--num", args.num), ("--nfe", args.nfe), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if not math.isfinite(args.guidance):
+        raise ConfigError(f"--guidance must be a finite number, got {args.guidance}")
+    problem = unwritable(Path(args.out).parent)
+    if problem:
+        raise ConfigError(f"--out {args.out}: cannot write there: {problem}")
+
+
+@contextmanager
+def _sigterm_unwinds():
+    """torchrun ends the other ranks with SIGTERM: unwind, so that temporary files go."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
+    try:
+        yield
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _open(args, env):
+    """The run as a Pipeline on this rank's device, with the sampling arguments checked against it."""
+    import torch
+
+    from ..pipeline import Pipeline
+    from ..run.build import guided_training
+    from ..sampling import guidance_problem
+
+    pipe = Pipeline.from_pretrained(args.checkpoint, weights=args.weights, device=env.device, vae=args.vae,
+                                    warn=lambda m: print(m, file=sys.stderr) if env.is_main else None)
+    if env.device.type == "cuda":  # as in training and the reference's sampling (train.tf32, default on)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(pipe.config.train.tf32)
+    if args.class_id is not None and not pipe.flow.num_classes:
+        raise ConfigError(f"--class {args.class_id}: the model is unconditional; leave --class out")
+    problem = guidance_problem(pipe.flow, args.guidance, trained_with_dropout=guided_training(pipe.config))
+    if problem:
+        raise ConfigError(f"--guidance {args.guidance}: {problem}")
+    pipe.method.mode(args.mode)  # one line if the method has no such sampler
+    return pipe
+
+
+def _output(args, pipe, env):
+    from .. import distributed
+    from ..plots import sample_title
+    from ..writers import SampleOutput
+
+    token = distributed.all_gather_objects(env, uuid.uuid4().hex[:12])[0]  # rank 0's names the temporaries
+    title = sample_title(pipe.config.method, args.nfe, args.mode, pipe.step, args.guidance, args.weights,
+                         args.class_id)
+    output = SampleOutput(args.out, pipe.flow.net.sample_shape, args.num, env.world, args.batch_size, token, title)
+    output.check_destination()
+    if pipe.is_latent and output.kind != "npy":  # a missing VAE is one line before any sample is drawn
+        _ = pipe.vae
+    return output
+
+
+def _write_parts(args, pipe, output, env) -> None:
+    """This rank's samples into its part file; every rank reaches the gather, so that one rank's
+    failure stops all of them with one message instead of leaving the others waiting."""
+    from .. import distributed
+
+    failure = None
+    try:
+        first, last = output.range(env.rank)
+        with output.writer(env.rank) as part:
+            # .npy keeps the raw latents of a latent model; the other outputs hold decoded images
+            for x in pipe.chunks(first, last, args.nfe, decode=output.kind != "npy", mode=args.mode,
+                                 seed=args.seed, labels=args.class_id, guidance=args.guidance,
+                                 batch_size=args.batch_size):
+                part.write(x)
+    except Exception as e:
+        failure = e
+    reports = distributed.all_gather_objects(env, None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    failed = [(r, m) for r, m in enumerate(reports) if m]
+    if failed:  # the failing rank prints its own error; this one only says that nothing was written
+        raise SoflowError(f"rank {failed[0][0]} failed ({failed[0][1]}); nothing was written to {args.out}")

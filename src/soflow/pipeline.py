@@ -1,0 +1,152 @@
+"""`Pipeline`: a trained model ready to draw samples, saved and opened in the Hugging Face layout.
+
+    pipe = Pipeline.from_pretrained("runs/fmnist")          # a run folder, checkpoint or saved pipeline
+    images = pipe(num=16, nfe=1, labels=3, seed=0)         # 16 PIL images of class 3, one evaluation each
+    pipe.save_pretrained("fmnist-soflow")                  # config.json, model.safetensors, README.md
+
+A pipeline holds the network (EMA weights by default), the training method (which decides how its
+models are sampled, soflow.methods) and, for latent models, the SD-VAE that decodes the samples.
+A saved pipeline folder can be uploaded to the Hub unchanged (`huggingface_hub.upload_folder`) and
+is read back with safetensors only: opening one never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from .errors import CheckpointError
+from .methods import Method, method
+from .solution import SolutionFlow
+
+CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, GRID_FILE = "config.json", "model.safetensors", "README.md", "samples.png"
+
+
+class Pipeline:
+    """A SolutionFlow with its training config: `pipe(num, nfe, ...)` draws samples."""
+
+    def __init__(self, flow: SolutionFlow, config, step: int | None = None, vae: str | None = None,
+                 vae_model=None):
+        """`vae`: the SD-VAE folder of a latent model (default: the run's data.vae); `vae_model`: one
+        already loaded."""
+        self.flow = flow  # sampling switches it to eval mode and back
+        self.config = config  # soflow.run.config.Config of the training run
+        self.step = step
+        self.vae_path = vae if vae is not None else config.data.vae
+        self._vae = vae_model
+
+    # ---------------------------------------------------------------- opening and saving
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, *, weights: str = "ema", device: str | torch.device = "cpu",
+                        vae: str | None = None, warn=print) -> Pipeline:
+        """Open a folder written by `save_pretrained` (safetensors only), a run folder (its newest
+        checkpoint), a checkpoint file or a safetensors export.  `vae` replaces the run's data.vae."""
+        from .run.load import load_run
+
+        source = Path(source)
+        if source.is_dir() and (source / CONFIG_FILE).is_file():
+            source = source / WEIGHTS_FILE
+            if not source.is_file():
+                raise CheckpointError(f"{source.parent}: has {CONFIG_FILE} but no {WEIGHTS_FILE}")
+        cfg, flow, step = load_run(source, weights, device=device, warn=warn)
+        return cls(flow, cfg, step, vae)
+
+    def save_pretrained(self, folder: str | Path, *, grid: bool = True) -> Path:
+        """Write the Hub layout: config.json, model.safetensors (the network's weights, with the
+        config in the metadata), README.md (a model card with the training config) and, unless
+        grid=False, samples.png (a grid of 1-NFE samples, shown in the card)."""
+        from .run.checkpoint import export_safetensors
+        from .run.model_card import model_card, pipeline_config
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg, net = self.config.to_dict(), self.flow.net
+        export_safetensors(folder / WEIGHTS_FILE, net.state_dict(), cfg, self.step or 0, net.sample_shape, self.flow.num_classes)
+        info = pipeline_config(self.config, net.sample_shape, self.flow.num_classes, self.step, self.vae_path)
+        (folder / CONFIG_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        grid_file = self._write_grid(folder / GRID_FILE) if grid else None
+        (folder / CARD_FILE).write_text(model_card(self.config, info, grid_file), encoding="utf-8")
+        return folder
+
+    def _write_grid(self, path: Path) -> Path | None:
+        from .plots import image_grid, scatter_panels
+
+        k = self.flow.num_classes
+        if self.is_points:
+            return scatter_panels(path, {"1 NFE": self.sample(2000, 1)[:, :2]})
+        if self.is_latent and not self.vae_path:
+            return None  # nothing to decode with
+        labels = torch.arange(min(k, 10)).repeat_interleave(8) if k else None
+        return image_grid(path, self.sample(len(labels) if k else 64, 1, labels=labels), rows=min(k, 10) or None)
+
+    # ---------------------------------------------------------------- sampling
+
+    @property
+    def method(self) -> Method:
+        return method(self.config.method)
+
+    @property
+    def is_points(self) -> bool:
+        return len(self.flow.net.sample_shape) == 1
+
+    @property
+    def is_latent(self) -> bool:
+        return self.config.data.name == "imagenet-latents"
+
+    def __call__(self, num: int = 1, nfe: int = 1, *, labels=None, seed: int = 0, guidance: float = 1.0,
+                 mode: str | None = None, output: str = "pil", batch_size: int = 256):
+        """`num` samples with `nfe` evaluations each (x2 with guidance != 1).
+
+        labels: None (random classes), a class id or one id per sample.  output: "pil" (a list of
+        PIL images; image models only) or "tensor" (images in [-1, 1], [num, C, H, W], or points).
+        Sample i depends only on (seed, i).
+        """
+        if output not in ("pil", "tensor"):
+            raise ValueError(f"output: choose pil or tensor, got {output!r}")
+        if output == "pil" and self.is_points:
+            raise ValueError("output='pil': this model draws 2-D points, not images; use output='tensor'")
+        x = self.sample(num, nfe, labels=labels, seed=seed, guidance=guidance, mode=mode, batch_size=batch_size)
+        return to_pil(x) if output == "pil" else x
+
+    def sample(self, num: int, nfe: int, *, first: int = 0, decode: bool = True, **kw) -> Tensor:
+        """Samples first .. first + num - 1 as one tensor: decoded images (raw latents with
+        decode=False) or points."""
+        return torch.cat(list(self.chunks(first, first + num, nfe, decode=decode, **kw)))
+
+    def chunks(self, first: int, last: int, nfe: int, *, decode: bool = True, batch_size: int = 256,
+               **kw) -> Iterator[Tensor]:
+        """Samples [first, last) one batch at a time, decoded unless decode=False: memory stays at
+        one batch whatever the number of samples (`soflow sample` streams these to disk)."""
+        for x in self.method.sample_chunks(self.flow, first, last, nfe, batch_size=batch_size, **kw):
+            yield self.decode(x) if decode else x
+
+    @property
+    def vae(self):
+        """The SD-VAE of a latent model, loaded on first use (one line if it cannot be)."""
+        if self._vae is None:
+            from .data.vae import load_vae
+
+            self._vae = load_vae(self.vae_path, next(self.flow.parameters()).device)
+        return self._vae
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Latents -> images in [-1, 1] with the VAE; other samples unchanged."""
+        if not self.is_latent:
+            return x
+        from .data.vae import decode
+
+        return decode(self.vae, x.float())
+
+
+def to_pil(images: Tensor) -> list:
+    """Images in [-1, 1], [N, C, H, W] -> a list of PIL images (grey for one channel)."""
+    from PIL import Image
+
+    from .plots import to_uint8
+
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in to_uint8(images)]

@@ -1,0 +1,49 @@
+"""config.json and README.md of a saved pipeline (the Hugging Face Hub layout)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import __version__
+from .config import Config, dump
+
+# the diffusers name of the VAE the latent recipes were trained with (a reference, not a download)
+SD_VAE = "stabilityai/sd-vae-ft-mse"
+
+
+def pipeline_config(cfg: Config, sample_shape, num_classes: int, step: int | None, vae: str | None) -> dict:
+    """What a reader of the folder needs without soflow: method, network, sample shape, classes,
+    and for latent models the VAE that decodes them.  The full training config is in the weights'
+    metadata and in the model card."""
+    info = {
+        "library": "soflow", "soflow_version": __version__, "method": cfg.method,
+        "network": cfg.model.net, "network_args": cfg.model.net_args,
+        "path": cfg.model.path, "parameterization": cfg.model.parameterization,
+        "sample_shape": list(sample_shape), "num_classes": num_classes, "data": cfg.data.name,
+        "training_steps": step,
+    }
+    if cfg.data.name == "imagenet-latents":
+        info["vae"] = {"diffusers_name": SD_VAE, "local_path": vae, "scale": 0.18215}
+    return info
+
+
+def model_card(cfg: Config, info: dict, grid: Path | None) -> str:
+    classes = f"{info['num_classes']} classes" if info["num_classes"] else "unconditional"
+    lines = [
+        "---", "library_name: soflow", "tags:", "- solution-flow", f"- {cfg.method.replace('_', '-')}",
+        "- one-step-generation", "---", "",
+        f"# {cfg.method} on {cfg.data.name}", "",
+        f"A `{info['network']}` network trained with soflow's `{cfg.method}` method for "
+        f"{info['training_steps']} steps on `{cfg.data.name}` ({classes}, samples of shape "
+        f"{tuple(info['sample_shape'])}). The weights are the EMA weights.", "",
+        "```python", "from soflow import Pipeline", "",
+        'pipe = Pipeline.from_pretrained("THIS_FOLDER")',
+        "images = pipe(num=16, nfe=1, seed=0)  # one network evaluation per sample", "```", "",
+    ]
+    if "vae" in info:
+        lines += [f"Samples are SD-VAE latents, decoded with `{info['vae']['diffusers_name']}` "
+                  "(pass a local copy: `Pipeline.from_pretrained(..., vae=FOLDER)`).", ""]
+    if grid is not None:
+        lines += [f"![1-NFE samples]({grid.name})", ""]
+    lines += ["## Training config", "", "```yaml", dump(cfg).rstrip(), "```", ""]
+    return "\n".join(lines)

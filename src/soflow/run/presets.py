@@ -1,0 +1,80 @@
+"""Presets (src/soflow/configs/*.yaml) and reading a YAML config file.
+
+A preset file with a `variants` mapping is a template, not a preset: each entry NAME is the preset
+`<file stem>-NAME`, that is the file's other keys with the entry's keys laid over them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from ..errors import ConfigError
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+VARIANTS = "variants"
+
+
+def _variants(path: Path) -> dict:
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return data.get(VARIANTS) or {} if isinstance(data, dict) else {}
+
+
+def preset_names() -> list[str]:
+    names = []
+    for path in PRESET_DIR.glob("*.yaml"):
+        variants = _variants(path)
+        names += [f"{path.stem}-{v}" for v in variants] if variants else [path.stem]
+    return sorted(names)
+
+
+def _template_of(name: str) -> tuple[Path, str] | None:
+    """(template file, variant) of a preset made from a template, else None."""
+    for path in PRESET_DIR.glob("*.yaml"):
+        variant = name[len(path.stem) + 1:]
+        if name.startswith(path.stem + "-") and variant in _variants(path):
+            return path, variant
+    return None
+
+
+def _laid_over(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _laid_over(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(source: str) -> dict:
+    path = Path(source)
+    if path.is_dir():
+        raise ConfigError(f"--config {source}: is a folder; give a YAML file or a preset name")
+    variant = None
+    if not path.is_file():
+        if (PRESET_DIR / f"{source}.yaml").is_file():
+            path = PRESET_DIR / f"{source}.yaml"
+        elif _template_of(source) is not None:
+            path, variant = _template_of(source)
+        else:
+            raise ConfigError(f"--config {source!r}: no such file or preset; presets: {', '.join(preset_names())}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a YAML file (not UTF-8 text); give a YAML config or a preset name") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:  # an empty file (or only comments) would silently train on every default
+        raise ConfigError(f"{path}: the file is empty; a config is a YAML mapping of keys (see the presets)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    if VARIANTS in data:
+        variants = data.pop(VARIANTS)
+        if variant is None or not isinstance(variants, dict):
+            names = ", ".join(f"{path.stem}-{v}" for v in variants) if isinstance(variants, dict) else "none"
+            raise ConfigError(f"{path}: a template of presets ({names}); give one of them to --config")
+        data = _laid_over(data, variants[variant])
+    return data

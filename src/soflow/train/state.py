@@ -1,0 +1,98 @@
+"""A run's state: saving it as a checkpoint (weights, EMA, optimizer, each rank's random state)
+and resuming from one, with the config's optimizer settings and what changed in the config."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import distributed
+from ..errors import CheckpointError
+from ..run.checkpoint import run_state, save_checkpoint
+from ..run.config import Config
+from ..seeding import derive_seed
+from . import parallel
+from .runlog import RunLog, plural
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def resume(cfg: Config, env, log: RunLog, optimizer, resumed: dict, flow) -> int:
+    """Optimizer state, step and this rank's random state from the checkpoint; returns the step."""
+    applied = []
+    if resumed["optimizer"]:  # converted reference runs come without one
+        parallel.load_optimizer(flow.net, optimizer, resumed["optimizer"])
+        applied = apply_optimizer_settings(optimizer)
+    step = int(resumed["step"])
+    rng = resumed["rng"]
+    if len(rng) != env.world:
+        if rng:
+            log.warn(f"warning: checkpoint written by {plural(len(rng), 'rank')}, resuming on {env.world}: "
+                     "random streams restart, so the run will not repeat an uninterrupted one exactly")
+        torch.manual_seed(derive_seed(cfg.train.seed, env.rank, step))
+    else:
+        set_rng_state(rng[env.rank], env.device)
+    log.info(f"resumed from {resumed['path']} at step {step}")
+    changed = config_changes(resumed["config"], cfg.to_dict())
+    if changed:
+        log.warn(f"warning: config differs from the checkpoint's in {', '.join(changed)}")
+    if applied:
+        log.info(f"optimizer settings of the config applied over the checkpoint's: {', '.join(applied)}")
+    return step
+
+
+CONFIGURED = ("lr", "betas", "weight_decay", "decoupled_weight_decay")
+
+
+def apply_optimizer_settings(optimizer) -> list[str]:
+    """Put the settings the optimizer was built with (the config's) back into every parameter
+    group once its state is loaded: load_state_dict restores the values the checkpoint was saved
+    with, so a resume with changed settings would silently keep the old ones.  Returns
+    "name old -> new" for each setting that changed."""
+    applied = []
+    for name in (n for n in CONFIGURED if n in optimizer.defaults):
+        value = optimizer.defaults[name]
+        before = {tuple(g[name]) if isinstance(g.get(name), list) else g.get(name) for g in optimizer.param_groups}
+        if before != {value}:
+            applied.append(f"{name} {', '.join(map(str, before))} -> {value}")
+        for group in optimizer.param_groups:
+            group[name] = value
+    return applied
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(prefix + k)
+    return out
+
+
+def save_run_state(env, run_dir, cfg, flow, ema, optimizer, step) -> None:
+    rng = distributed.all_gather_objects(env, rng_state(env.device))
+    net_state, optimizer_state = parallel.full_state(flow.net, optimizer)
+    ema_state, _ = parallel.full_state(ema.model)
+    failed = None
+    if env.is_main:
+        state = run_state(step, cfg.to_dict(), flow.net.sample_shape, flow.num_classes, net_state, ema_state,
+                          optimizer_state, [{k: v.cpu() for k, v in r.items()} for r in rng], env.world)
+        try:
+            save_checkpoint(run_dir, state, cfg.train.keep_last, cfg.train.keep_every)
+        except CheckpointError as e:
+            failed = str(e)
+    failed = distributed.all_gather_objects(env, failed)[0]  # also the barrier: every rank stops on a failed write
+    if failed:
+        raise CheckpointError(failed)
