@@ -74,3 +74,17 @@ def test_image_models_give_pil_images_or_tensors():
     x = pipe(num=4, nfe=1, labels=2, seed=0, output="tensor")
     assert x.shape == (4, 1, 8, 8)
     assert np.array_equal(np.asarray(images[1]), ((x[1, 0] * 127.5 + 128).clamp(0, 255).to(torch.uint8)).numpy())
+
+
+def test_labels_per_sample_follow_the_samples_across_batches():
+    """300 samples with one label each, drawn in batches of 64, are the samples of one call."""
+    from soflow.sampling import sample
+
+    torch.manual_seed(0)
+    net = build("dit-tiny", in_channels=1, input_size=8, num_classes=3, null_class=True)
+    pipe = Pipeline(SolutionFlow(net), load("fmnist"))
+    labels = torch.arange(300) % 3
+    x = pipe.sample(300, 2, labels=labels, seed=5, batch_size=64)
+    assert torch.equal(x, sample(pipe.flow, 300, nfe=2, labels=labels, seed=5, batch_size=300))
+    with pytest.raises(ValueError, match="labels"):
+        pipe.sample(10, 1, labels=torch.arange(7) % 3)  # not one label per sample

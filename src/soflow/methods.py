@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import torch
 from torch import Tensor
 
 from .errors import ConfigError
@@ -49,12 +50,15 @@ class Method:
         """n samples with nfe evaluations, the way this method's models are meant to be sampled."""
         return draw(model, n, nfe, self.mode(mode), **kw)
 
-    def sample_chunks(self, model: SolutionFlow, first: int, last: int, nfe: int, *, batch_size: int = 256,
-                      **kw) -> Iterator[Tensor]:
-        """`sample` for indices [first, last), one batch at a time (memory stays at one batch)."""
+    def sample_chunks(self, model: SolutionFlow, first: int, last: int, nfe: int, *, labels=None,
+                      batch_size: int = 256, **kw) -> Iterator[Tensor]:
+        """`sample` for indices [first, last), one batch at a time (memory stays at one batch).
+        labels: None, one class id, or one id per sample of [first, last)."""
+        per_sample = labels is not None and torch.as_tensor(labels).dim() > 0
         for start in range(first, last, batch_size):
-            yield self.sample(model, min(last, start + batch_size) - start, nfe, batch_size=batch_size,
-                              first_index=start, **kw)
+            stop = min(last, start + batch_size)
+            y = torch.as_tensor(labels)[start - first:stop - first] if per_sample else labels
+            yield self.sample(model, stop - start, nfe, labels=y, batch_size=batch_size, first_index=start, **kw)
 
     def mode(self, mode: str | None) -> str:
         if mode is None:

@@ -147,7 +147,10 @@ def _requested_labels(labels, n: int, num_classes: int) -> Tensor | None:
         return None
     if not num_classes:
         raise ConfigError("labels given to an unconditional model")
-    labels = torch.as_tensor(labels, dtype=torch.long).expand(n).clone()
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if labels.dim() > 1 or labels.numel() not in (1, n):
+        raise ConfigError(f"labels: expected one class id or {n} (one per sample), got {labels.numel()}")
+    labels = labels.reshape(-1).expand(n).clone()
     if bool(((labels < 0) | (labels >= num_classes)).any()):
         raise ConfigError(f"labels must be class ids in [0, {num_classes - 1}]")
     return labels
