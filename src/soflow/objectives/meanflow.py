@@ -40,6 +40,7 @@ from ..nets.dit import math_attention
 from ..paths import EulerParameterization, LinearPath, conditional_velocity, expand_as_rows, interpolate
 from ..solution import SolutionFlow
 from ..times import logit_normal
+from . import checks
 
 REDUCTIONS = ("sum", "mean")
 
@@ -152,13 +153,17 @@ class MeanFlowLoss:
 
     def __post_init__(self):
         if self.reduction not in REDUCTIONS:
-            raise ValueError(f"unknown reduction {self.reduction!r}; choose one of {', '.join(REDUCTIONS)}")
-        if not 0.0 <= self.ratio_r_neq_t <= 1.0:
-            raise ValueError(f"ratio_r_neq_t must lie in [0, 1], got {self.ratio_r_neq_t}")
-        if not 0.0 <= self.cfg_drop_rate <= 1.0:
-            raise ValueError(f"cfg_drop_rate must lie in [0, 1], got {self.cfg_drop_rate}")
+            raise ValueError(f"reduction: unknown reduction {self.reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+        checks.non_negative("p", self.p)
+        checks.positive("c", self.c)  # the weight 1 / (||.||^2 + c)^p stays finite only for c > 0
+        checks.number("time_mean", self.time_mean)
+        checks.positive("time_std", self.time_std)
+        checks.in_unit_interval("ratio_r_neq_t", self.ratio_r_neq_t)
+        checks.in_unit_interval("cfg_drop_rate", self.cfg_drop_rate)
+        for name in ("omega", "kappa", "t_min", "t_max"):
+            checks.number(name, getattr(self, name))
         if self.t_min > self.t_max:
-            raise ValueError(f"guidance interval is empty: t_min {self.t_min} > t_max {self.t_max}")
+            raise ValueError(f"t_min: the guidance interval is empty: t_min {self.t_min} > t_max {self.t_max}")
 
     @property
     def guided(self) -> bool:

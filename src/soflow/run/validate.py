@@ -30,13 +30,11 @@ def validate(cfg: Config, guidance: bool = True) -> Config:
     positive = {"train.total_steps": t.total_steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
                 "train.checkpoint_every": t.checkpoint_every, "train.log_every": t.log_every,
                 "train.ema_every": t.ema_every, "train.keep_last": t.keep_last, "train.lr": t.lr,
-                "train.sample_num": t.sample_num, "data.resolution": cfg.data.resolution,
-                # the adaptive weight 1 / (mse + c)^p stays finite and positive only for c > 0
-                "meanflow.c": cfg.meanflow.c, "meanflow.time_std": cfg.meanflow.time_std}
+                "train.sample_num": t.sample_num, "data.resolution": cfg.data.resolution}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
-    non_negative = {"meanflow.p": cfg.meanflow.p, "train.weight_decay": t.weight_decay, "train.keep_every": t.keep_every,
+    non_negative = {"train.weight_decay": t.weight_decay, "train.keep_every": t.keep_every,
                     "train.sample_every": t.sample_every, "data.num_workers": cfg.data.num_workers}
     for key, value in non_negative.items():
         if value < 0:
