@@ -65,9 +65,10 @@ class Pipeline:
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        cfg, net = self.config.to_dict(), self.flow.net
-        export_safetensors(folder / WEIGHTS_FILE, net.state_dict(), cfg, self.step or 0, net.sample_shape, self.flow.num_classes)
-        info = pipeline_config(self.config, net.sample_shape, self.flow.num_classes, self.step, self.vae_path)
+        net, classes = self.flow.net, self.flow.num_classes
+        export_safetensors(folder / WEIGHTS_FILE, net.state_dict(), self.config.to_dict(), self.step or 0,
+                           net.sample_shape, classes)
+        info = pipeline_config(self.config, net.sample_shape, classes, self.step, self.vae_path)
         (folder / CONFIG_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         grid_file = self._write_grid(folder / GRID_FILE) if grid else None
         (folder / CARD_FILE).write_text(model_card(self.config, info, grid_file), encoding="utf-8")

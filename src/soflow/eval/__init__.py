@@ -5,7 +5,8 @@ imported when one is built.
 """
 
 from ..errors import EvalError
-from .fid import fid_from_images, frechet_distance, inception_score, load_stats, save_stats, statistics, stats_from_images
+from .fid import (fid_from_images, frechet_distance, inception_score, load_stats, save_stats, statistics,
+                  stats_from_images)
 from .images import load_images
 from .inception import InceptionFeatures, default_weights_path
 from .points import energy_distance, sliced_wasserstein2
