@@ -84,33 +84,34 @@ def test_train_reports_start_progress_and_samples_once(toy):
 def test_sample_to_every_output_type(toy, tmp_path):
     run, _ = toy
     base = ("sample", "--checkpoint", run, "--num", NUM)
-    png, npy1, npz2, chain = tmp_path / "toy.png", tmp_path / "x1.npy", tmp_path / "x2.npz", tmp_path / "chain.npy"
+    png, npy1, npz2, renoise = tmp_path / "toy.png", tmp_path / "x1.npy", tmp_path / "x2.npz", tmp_path / "renoise.npy"
     procs = parallel([(*base, "--nfe", 1, "--out", png),
                       (*base, "--nfe", 1, "--out", npy1),
                       (*base, "--nfe", 2, "--out", npz2),
-                      ("sample", "--checkpoint", run, "--num", 1, "--nfe", 2, "--mode", "chain", "--out", chain),
+                      ("sample", "--checkpoint", run, "--num", 1, "--nfe", 2, "--mode", "renoise", "--out", renoise),
                       (*base, "--nfe", 1, "--out", tmp_path / "pngs")])
-    for proc, out in zip(procs[:4], (png, npy1, npz2, chain)):
+    for proc, out in zip(procs[:4], (png, npy1, npz2, renoise)):
         assert proc.returncode == 0, proc.stderr
         assert out.is_file()
         assert proc.stdout.splitlines()[-1].endswith(f"written to {out.resolve()}"), proc.stdout
     # How the samples were drawn, in the message and in the figure's title (drawn on it, stored as Title).
-    assert procs[0].stdout.startswith(f"{NUM} samples (soflow, 1 NFE, renoise, step {STEPS}, EMA weights)")
-    assert procs[2].stdout.startswith(f"{NUM} samples (soflow, 2 NFE, renoise, step {STEPS}, EMA weights)")
-    assert procs[3].stdout.startswith(f"1 sample (soflow, 2 NFE, chain, step {STEPS}, EMA weights)")
-    assert Image.open(png).text["Title"] == f"1 NFE, renoise, step {STEPS}, EMA weights"
+    assert procs[0].stdout.startswith(f"{NUM} samples (soflow, 1 NFE, chain, step {STEPS}, EMA weights)")
+    assert procs[2].stdout.startswith(f"{NUM} samples (soflow, 2 NFE, chain, step {STEPS}, EMA weights)")
+    assert procs[3].stdout.startswith(f"1 sample (soflow, 2 NFE, renoise, step {STEPS}, EMA weights)")
+    assert Image.open(png).text["Title"] == f"1 NFE, chain, step {STEPS}, EMA weights"
     # .npy: raw float points; .npz: arr_0; all finite, on the scale of the [-2, 2]^2 board.
     x1 = np.load(npy1)
     with np.load(npz2) as z:
         assert list(z) == ["arr_0"]
         x2 = z["arr_0"]
-    x_chain = np.load(chain)
-    assert x1.shape == x2.shape == (NUM, 2) and x_chain.shape == (1, 2)
-    assert x1.dtype == x2.dtype == x_chain.dtype == np.float32
-    for x in (x1, x2, x_chain):
-        assert np.isfinite(x).all() and np.abs(x).max() < 8 and 0.2 < x.std() < 4
-    # 2 NFE re-noises with fresh noise, so it moves every sample; chain at 2 NFE follows another path.
-    assert not np.allclose(x1, x2) and not np.allclose(x2[:1], x_chain)
+    x_renoise = np.load(renoise)
+    assert x1.shape == x2.shape == (NUM, 2) and x_renoise.shape == (1, 2)
+    assert x1.dtype == x2.dtype == x_renoise.dtype == np.float32
+    for x in (x1, x2, x_renoise):
+        assert np.isfinite(x).all() and np.abs(x).max() < 8
+    assert 0.2 < x1.std() < 4 and 0.2 < x2.std() < 4  # the spread of NUM samples (one sample has none)
+    # 2 chained steps move every sample off the 1-step one; re-noising at 2 NFE draws fresh noise.
+    assert not np.allclose(x1, x2) and not np.allclose(x2[:1], x_renoise)
     # A folder holds one PNG per image sample: points are refused with one line, and nothing is made.
     assert_one_line_error(procs[4], "a folder of PNGs needs image samples", "use .npy or .npz")
     assert not (tmp_path / "pngs").exists()

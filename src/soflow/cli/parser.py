@@ -106,9 +106,9 @@ def _sample_parser(sub) -> None:
     s.add_argument("--nfe", type=int, default=1,
                    help="network evaluations per sample (flow matching: ODE steps)")
     s.add_argument("--mode", choices=MODES,
-                   help="sampler (default: the method's own): renoise (jump to 0, re-noise at each grid time; "
-                        "soflow's default) | chain (follow one trajectory; meanflow, shortcut) | euler, heun (ODE "
-                        "steps on the velocity; flow_matching)")
+                   help="sampler (default: the method's own): chain (follow one trajectory; soflow, meanflow, "
+                        "shortcut) | renoise (jump to 0, re-noise at each grid time; the reference's rule for soflow) "
+                        "| euler, heun (ODE steps on the velocity; flow_matching)")
     s.add_argument("--seed", type=int, default=0, help="seed of the noise (and of random classes)")
     s.add_argument("--class", dest="class_id", type=int, metavar="C",
                    help="class id for a class-conditional model (default: a random class per sample)")

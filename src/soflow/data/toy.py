@@ -1,4 +1,7 @@
-"""2-D toy distributions and arbitrary point clouds ([N, D] float arrays in .npy files)."""
+"""2-D toy distributions and arbitrary point clouds ([N, D] float arrays in .npy files).
+
+TOYS maps each `data.name` to its sampler: the stock sets below and the multi-scale validation
+family of `toy_family` (gmm_scales, gmm_grid, ring_gap, rings, spiral, holes, thin, multiscale)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from torch import Tensor
 from ..errors import DataError
 from ..seeding import generator
 from .sampler import epoch_indices
+from .toy_family import FAMILY
 
 
 def checkerboard(n: int, g: torch.Generator) -> Tensor:
@@ -47,7 +51,8 @@ def spirals(n: int, g: torch.Generator, noise: float = 0.05) -> Tensor:
     return pts + noise * torch.randn(n, 2, generator=g)
 
 
-TOYS = {"checkerboard": checkerboard, "moons": moons, "8gaussians": eight_gaussians, "spirals": spirals}
+STOCK_TOYS = {"checkerboard": checkerboard, "moons": moons, "8gaussians": eight_gaussians, "spirals": spirals}
+TOYS = {**STOCK_TOYS, **FAMILY}
 
 
 class ToyData:

@@ -190,6 +190,7 @@ class TrainingFID:
         k = pipe.flow.num_classes
         labels = torch.arange(lo, hi) % k if k else None  # balanced classes (module docstring)
         return pipe.sample(hi - lo, nfe, first=lo, decode=decode, seed=self.seed, labels=labels,
+                           mode=self.cfg.train.sample_mode,
                            batch_size=self.batch_size)
 
     def _features(self, pipe: Pipeline, nfe: int, lo: int, hi: int) -> torch.Tensor:

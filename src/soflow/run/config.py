@@ -67,6 +67,7 @@ class TrainConfig:
     sample_every: int = 0  # EMA sample plot/grid every N steps (0: only at the end)
     sample_num: int = 1000
     sample_nfe: list = field(default_factory=lambda: [1, 2])
+    sample_mode: typing.Optional[str] = None  # sampler of the figures and of FID while training (null: the method's)
     tensorboard: bool = False
     threads: int = 0  # intra-op CPU threads; 0: one for small networks, every core for large ones
     # FID of EMA samples during training (soflow.eval.training_fid); the first NFE picks best-fid.pt.

@@ -49,6 +49,7 @@ def from_reference(data: dict) -> dict:
             if src in ("noising_type", "coefficient_type", "l_schedule") and isinstance(value, str):
                 value = value.lower()
             out[dst] = value
+    out["train.sample_mode"] = "renoise"  # the reference's k-step sampler, for its figures and FID
     if "ckpt_saving_steps" in data:  # the reference keeps every checkpoint it writes
         out["train.keep_every"] = data["ckpt_saving_steps"]
     if "model_type" in data:

@@ -47,6 +47,9 @@ def validate(cfg: Config, guidance: bool = True) -> Config:
         raise ConfigError(f"train.betas: expected two numbers, got {t.betas!r}")
     if not all(0 <= x < 1 for x in t.betas):
         raise ConfigError(f"train.betas: Adam's decay rates must lie in [0, 1), got {t.betas!r}")
+    if t.sample_mode is not None and t.sample_mode not in METHODS[cfg.method].modes:
+        raise ConfigError(f"train.sample_mode: method {cfg.method} samples with "
+                          f"{' | '.join(METHODS[cfg.method].modes)}, not {t.sample_mode!r}")
     if not t.sample_nfe or not all(_type_ok(x, int) and x >= 1 for x in t.sample_nfe):
         raise ConfigError(f"train.sample_nfe: expected a list of positive integers, got {t.sample_nfe!r}")
     if t.threads < 0:

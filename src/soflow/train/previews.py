@@ -20,22 +20,22 @@ def write_previews(pipe: Pipeline, data, folder: Path, step: int, log, env) -> l
     if pipe.is_latent and not pipe.vae_path:
         return []  # no decoder: nothing to look at (the trainer said so once at start)
     cfg = pipe.config
-    seed, k = cfg.train.seed, data.num_classes
+    seed, k, mode = cfg.train.seed, data.num_classes, cfg.train.sample_mode
     if pipe.is_points:
         n = cfg.train.sample_num
         panels = {"data": data.reference(n)}
-        panels.update({sample_title(cfg.method, nfe): pipe.sample(n, nfe, seed=seed)[:, :2].cpu()
+        panels.update({sample_title(cfg.method, nfe, mode): pipe.sample(n, nfe, seed=seed, mode=mode)[:, :2].cpu()
                        for nfe in cfg.train.sample_nfe})
         paths = [write_figure(folder / f"step{step:08d}.png", scatter_panels, panels,
                               title=f"step {step}, EMA weights")] if env.is_main else []
     else:
         classes = torch.linspace(0, k - 1, min(k, 10)).round().long() if k else None
         labels = classes.repeat_interleave(10) if k else None
-        grids = {nfe: pipe.sample(len(labels) if k else 64, nfe, seed=seed, labels=labels)
+        grids = {nfe: pipe.sample(len(labels) if k else 64, nfe, seed=seed, labels=labels, mode=mode)
                  for nfe in cfg.train.sample_nfe}
         paths = [write_figure(folder / f"step{step:08d}-nfe{nfe}.png", image_grid, x,
                               rows=len(classes) if k else None,
-                              title=sample_title(cfg.method, nfe, step=step, weights="ema"))
+                              title=sample_title(cfg.method, nfe, mode, step=step, weights="ema"))
                  for nfe, x in grids.items()] if env.is_main else []
     for p in paths:
         log.samples(p)
