@@ -85,6 +85,6 @@ def test_labels_per_sample_follow_the_samples_across_batches():
     pipe = Pipeline(SolutionFlow(net), load("fmnist"))
     labels = torch.arange(300) % 3
     x = pipe.sample(300, 2, labels=labels, seed=5, batch_size=64)
-    assert torch.equal(x, sample(pipe.flow, 300, nfe=2, labels=labels, seed=5, batch_size=300))
+    assert torch.equal(x, sample(pipe.flow, 300, nfe=2, labels=labels, seed=5, batch_size=300, mode="chain"))
     with pytest.raises(ValueError, match="labels"):
         pipe.sample(10, 1, labels=torch.arange(7) % 3)  # not one label per sample

@@ -87,12 +87,10 @@ def test_two_ranks_write_the_same_bytes_as_one_process(run64, small_run_two_rank
         assert (one / name).read_bytes() == (two / name).read_bytes()
 
     # the samples of the Python API, in index order; the .npz is what numpy.savez writes (ADM: uint8 NHWC arr_0)
+    from soflow import Pipeline
     from soflow.plots import to_uint8
-    from soflow.sampling import sample
-    from soflow.run.load import load_run
 
-    _, flow, _ = load_run(run64)
-    expect = to_uint8(sample(flow, 256, nfe=2, seed=7, batch_size=128))
+    expect = to_uint8(Pipeline.from_pretrained(run64).sample(256, 2, seed=7, batch_size=128))  # SoFlow's default: chain
     np.savez(tmp_path / "expect.npz", arr_0=expect)
     assert two_npz.read_bytes() == (tmp_path / "expect.npz").read_bytes()
     assert np.array_equal(np.asarray(Image.open(two / "000009.png")), expect[9])
