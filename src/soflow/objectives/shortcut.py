@@ -23,13 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..paths import conditional_velocity, interpolate
+from ..paths import conditional_velocity, expand_as_rows, interpolate
 from ..solution import SolutionFlow
 from . import checks
-
-
-def _mean_per_row(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], -1).mean(dim=1)
+from .soflow import _mean_per_row
 
 
 @dataclass
@@ -96,8 +93,7 @@ class ShortcutLoss:
             aug = None if augment_labels is None else augment_labels[rows]
             target = self._two_steps(flow, net, x_t[rows], t_c, d, y, aug)
             pred = flow.solution_from(x_t[rows], t_c, s[rows], out[rows])
-            gap = (2 * d).view(-1, *[1] * (x0.dim() - 1))
-            mse = _mean_per_row(((pred - target) / gap) ** 2)
+            mse = _mean_per_row(((pred - target) / expand_as_rows(2 * d, pred)) ** 2)
             stats["consistency_mse"] = mse.detach().mean()
             total = total + mse.sum() / b
         return total, stats
