@@ -9,7 +9,7 @@ Euler steps for each guidance scale of --fm-guidance, and the best scale is repo
 Writes JSON (all numbers, train time per run), a plot of FD against the training step, and one
 sample grid per method at its best NFE.
 
-    python benchmarks/quality_fmnist.py --steps 3000 --seeds 0 1 --out benchmarks/results/quality-fmnist.json
+    python benchmarks/quality_fmnist.py --steps 2000 --seeds 0 1 --out benchmarks/results/quality-fmnist.json
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def sample_grid(path: Path, method: str, run: Path, final: dict) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--methods", nargs="+", default=list(RECIPES), choices=list(RECIPES))
