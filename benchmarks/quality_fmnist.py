@@ -4,7 +4,7 @@ batch for every method, each with its own recipe (RECIPES), two seeds each.
 Scores come from the shipped classifier: Frechet distance of its penultimate features and its
 accuracy on the requested class, for 1000 EMA samples (100 per class) against the real test split.
 Every --eval-every steps the kept checkpoint is scored (SoFlow and MeanFlow at 1 and 2 NFE, flow
-matching at its curve steps with guidance 3, its best scale in the sweep); at the end flow matching is scored at 1, 2, 8 and 32
+matching at its curve steps with guidance 3, the best scale of the 500-step recipe sweep); at the end flow matching is scored at 1, 2, 8 and 32
 Euler steps for each guidance scale of --fm-guidance, and the best scale is reported per step count.
 Writes JSON (all numbers, train time per run), a plot of FD against the training step, and one
 sample grid per method at its best NFE.
