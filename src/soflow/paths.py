@@ -148,3 +148,8 @@ def conditional_velocity(path, x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
 def expand_as_rows(v: Tensor, x: Tensor) -> Tensor:
     """View a per-row vector [B] so that it broadcasts against x [B, ...]."""
     return v.reshape(v.shape[0], *([1] * (x.dim() - 1)))
+
+
+def mean_per_row(x: Tensor) -> Tensor:
+    """Mean over every axis but the first: a per-row loss [B] from per-element errors [B, ...]."""
+    return x.reshape(x.shape[0], -1).mean(dim=1)

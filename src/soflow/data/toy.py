@@ -51,8 +51,7 @@ def spirals(n: int, g: torch.Generator, noise: float = 0.05) -> Tensor:
     return pts + noise * torch.randn(n, 2, generator=g)
 
 
-STOCK_TOYS = {"checkerboard": checkerboard, "moons": moons, "8gaussians": eight_gaussians, "spirals": spirals}
-TOYS = {**STOCK_TOYS, **FAMILY}
+TOYS = {"checkerboard": checkerboard, "moons": moons, "8gaussians": eight_gaussians, "spirals": spirals, **FAMILY}
 
 
 class ToyData:

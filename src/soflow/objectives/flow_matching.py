@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..paths import conditional_velocity, interpolate
+from ..paths import conditional_velocity, interpolate, mean_per_row
 from ..solution import SolutionFlow
 from ..times import logit_normal
 from . import checks
@@ -60,7 +60,7 @@ class FlowMatchingLoss:
         x_t = interpolate(flow.path, x0, x1, t)
         v_pred = flow.velocity_from(x_t, t, net(x_t, t, t, labels, augment_labels).to(x0.dtype))
         target = conditional_velocity(flow.path, x0, x1, t)
-        mse = ((v_pred - target) ** 2).reshape(x0.shape[0], -1).mean(dim=1)
+        mse = mean_per_row((v_pred - target) ** 2)
         weight = (mse.detach() + self.eps) ** -self.p
         stats = {"velocity_mse": mse.detach().mean(), "velocity_weight": weight.mean()}
         return (weight * mse).mean(), stats

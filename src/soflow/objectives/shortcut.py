@@ -23,10 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..paths import conditional_velocity, expand_as_rows, interpolate
+from ..paths import conditional_velocity, expand_as_rows, interpolate, mean_per_row
 from ..solution import SolutionFlow
 from . import checks
-from .soflow import _mean_per_row
 
 
 @dataclass
@@ -84,7 +83,7 @@ class ShortcutLoss:
         stats, total = {}, out.new_zeros(())
         if n_v:
             v_pred = flow.velocity_from(x_t[:n_v], t_v.to(dtype), out[:n_v])
-            mse = _mean_per_row((v_pred - conditional_velocity(flow.path, x0[:n_v], x1[:n_v], t[:n_v])) ** 2)
+            mse = mean_per_row((v_pred - conditional_velocity(flow.path, x0[:n_v], x1[:n_v], t[:n_v])) ** 2)
             stats["velocity_mse"] = mse.detach().mean()
             total = total + mse.sum() / b
         if n_v < b:
@@ -93,7 +92,7 @@ class ShortcutLoss:
             aug = None if augment_labels is None else augment_labels[rows]
             target = self._two_steps(flow, net, x_t[rows], t_c, d, y, aug)
             pred = flow.solution_from(x_t[rows], t_c, s[rows], out[rows])
-            mse = _mean_per_row(((pred - target) / expand_as_rows(2 * d, pred)) ** 2)
+            mse = mean_per_row(((pred - target) / expand_as_rows(2 * d, pred)) ** 2)
             stats["consistency_mse"] = mse.detach().mean()
             total = total + mse.sum() / b
         return total, stats

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..paths import conditional_velocity, expand_as_rows, interpolate
+from ..paths import conditional_velocity, expand_as_rows, interpolate, mean_per_row
 from ..solution import SolutionFlow
 from ..times import SCHEDULES, consistency_times, guidance_decay, logit_normal, middle_ratio
 from . import checks
@@ -39,10 +39,6 @@ class Rows:
 def _cat(*parts):
     parts = [p for p in parts if p is not None]
     return torch.cat(parts) if parts else None
-
-
-def _mean_per_row(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], -1).mean(dim=1)
 
 
 def has_active_dropout(net: nn.Module) -> bool:
@@ -213,7 +209,7 @@ class SoFlowLoss:
 
     def _velocity_loss(self, flow, fm: Rows, v_pred: Tensor, target: Tensor, stats: dict) -> Tensor:
         """L_FM = mean_i sg(w_i) mse_i,  w_i = 1 / (|d_s b(t, t)| (mse_i + eps)^p)."""
-        mse = _mean_per_row((v_pred - target) ** 2)
+        mse = mean_per_row((v_pred - target) ** 2)
         weight = 1 / (flow.param.ds_b(fm.t, fm.t).abs() * (mse.detach() + self.eps) ** self.p)
         stats["velocity_mse"], stats["velocity_weight"] = mse.detach().mean(), weight.mean()
         return (weight * mse).mean()
@@ -243,11 +239,11 @@ class SoFlowLoss:
                 out_l = net(x_l, cons.l, cons.s, cons.labels, cons.augment_labels)
             f_l = flow.solution_from(x_l, cons.l, cons.s, out_l.to(x_t.dtype))
             dq = (f_t - f_l) / gap
-            mse = _mean_per_row(dq ** 2)
+            mse = mean_per_row(dq ** 2)
             weight = (mse + self.eps) ** -self.p
             sign = torch.sign(flow.param.b(cons.t, cons.s))
         stats["consistency_mse"], stats["consistency_weight"] = mse.mean(), weight.mean()
-        return (sign * _mean_per_row(out_t * dq) * weight).mean()
+        return (sign * mean_per_row(out_t * dq) * weight).mean()
 
 
 def check_labels_for_guidance(loss: SoFlowLoss, has_labels: bool, data_name: str, key: str = "objective.") -> None:
