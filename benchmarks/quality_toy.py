@@ -67,7 +67,7 @@ MEANFLOWS = ("meanflow", "meanflow_cifar")
 SOFLOW_IMAGENET = ["objective.velocity_loss_ratio=0.75", "objective.time_mean=[-0.2,-1.0,0.2]",
                    "objective.time_std=[1.0,0.8,0.8]", "objective.r_init=0.1", "objective.r_end=0.002"]
 SWEEP = {
-    "soflow_preset": ("soflow", [], VARIANTS["soflow"][2]),
+    "soflow_preset": VARIANTS["soflow"],
     "soflow_imagenet": ("soflow", SOFLOW_IMAGENET, VARIANTS["soflow"][2]),
     "meanflow_imagenet": VARIANTS["meanflow"],
     "meanflow_cifar": VARIANTS["meanflow_cifar"],
@@ -88,7 +88,7 @@ def run_one(dataset: str, variant: str, seed: int, steps: int, num: int, folder:
     if cached is not None:
         hits = sorted(Path(cache).glob(f"{dataset}-*-{seed}-{key}.pt"))  # the same config under another name
         if hits:
-            return torch.load(hits[0])
+            return torch.load(hits[0], weights_only=True)  # tensors, dicts and numbers only: no code runs
     run = folder / f"{dataset}-{variant}-{seed}"
     start = time.perf_counter()
     if train(cfg, run)["stopped"]:
