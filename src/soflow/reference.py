@@ -13,6 +13,8 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from .errors import CheckpointError, UnreadableFile
+from .nets.registry import load_into  # noqa: F401  (part of this module's API)
+from .sit import load_sit_network  # noqa: F401
 
 PREFIX = "network."
 CHECKPOINT_KEYS = ("ema_model", "model")
@@ -52,22 +54,6 @@ def strip_prefix(state: dict[str, Tensor], source: str = "state dict") -> dict[s
     if not state or not all(k.startswith(PREFIX) for k in state):
         raise CheckpointError(f"{source}: expected every tensor name to start with {PREFIX!r}")
     return {k[len(PREFIX):]: v for k, v in state.items()}
-
-
-def load_into(net: nn.Module, state: dict[str, Tensor], source: str = "state dict") -> nn.Module:
-    """Copy `state` into `net`, requiring the same names and shapes."""
-    own = net.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-             for k in own if k in state and state[k].shape != own[k].shape]
-    problems = ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
-               ([f"unexpected {', '.join(unexpected[:3])}"] if unexpected else []) + \
-               ([f"shape {', '.join(wrong[:3])}"] if wrong else [])
-    if problems:
-        raise CheckpointError(f"{source} does not fit {type(net).__name__}: {'; '.join(problems)}")
-    net.load_state_dict(state, strict=True, assign=any(p.is_meta for p in net.parameters()))
-    return net
 
 
 def network_from_reference_args(kind: str, args: dict) -> nn.Module:

@@ -47,12 +47,14 @@ def _refusal(e: BaseException) -> UnreadableFile:
                           "saved with torch.save are read", holds_objects=True)
 
 
-def load_torch(path: str | Path, mmap: bool = False):
+def load_torch(path: str | Path, mmap: bool = False, allow: tuple[type, ...] = ()):
     """``torch.load(path, map_location='cpu', weights_only=True)``; any failure is
     :class:`UnreadableFile` with a one-line reason.  mmap=True maps the tensors instead of reading
-    them (for files opened only for their plain values)."""
+    them (for files opened only for their plain values).  `allow` names plain data classes the
+    restricted unpickler may rebuild besides tensors (attributes only, no code runs): SiT's
+    checkpoints hold an ``argparse.Namespace``."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.serialization.safe_globals(list(allow)):
             # PyTorch warns on stderr about some pickle protocols; the caller reports in one line.
             warnings.simplefilter("ignore")
             return torch.load(Path(path), map_location="cpu", weights_only=True, mmap=mmap)

@@ -21,6 +21,7 @@ def cmd_train(args) -> int:
         raise ConfigError("--config is required for a new run (a preset name or a YAML file)")
     base = read_yaml(str(saved)) if args.config is None else None
     cfg = load(args.config, args.set, base=base)
+    check_init(cfg, run_dir)
     if args.dry_run:
         print(dump(cfg), end="")
         return 0
@@ -31,6 +32,15 @@ def cmd_train(args) -> int:
     if result.get("export"):
         print(f"EMA weights exported to {Path(result['export']).resolve()}")
     return 0
+
+
+def check_init(cfg, run_dir: Path) -> None:
+    """train.init must exist when it will be read: in a run folder without checkpoints yet."""
+    from ..run.checkpoint import list_checkpoints
+
+    if cfg.train.init and not list_checkpoints(run_dir) and not Path(cfg.train.init).exists():
+        raise ConfigError(f"train.init: {cfg.train.init} does not exist; give a run folder, checkpoint, "
+                          ".safetensors export, pipeline folder or SiT checkpoint to start from")
 
 
 def cmd_fid(args) -> int:

@@ -10,7 +10,7 @@ from functools import partial
 
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from .dit import DiT
 from .mlp import ResidualMLP
 from .unet import SongUNet
@@ -57,3 +57,19 @@ def build(name: str, **overrides) -> nn.Module:
         return ctor(**overrides)
     except TypeError as e:
         raise ConfigError(f"network {name!r}: {e}") from None
+
+
+def load_into(net: nn.Module, state: dict, source: str = "state dict") -> nn.Module:
+    """Copy `state` into `net`, requiring the same names and shapes."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+             for k in own if k in state and state[k].shape != own[k].shape]
+    problems = ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
+               ([f"unexpected {', '.join(unexpected[:3])}"] if unexpected else []) + \
+               ([f"shape {', '.join(wrong[:3])}"] if wrong else [])
+    if problems:
+        raise CheckpointError(f"{source} does not fit {type(net).__name__}: {'; '.join(problems)}")
+    net.load_state_dict(state, strict=True, assign=any(p.is_meta for p in net.parameters()))
+    return net

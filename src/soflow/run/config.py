@@ -48,6 +48,10 @@ class TrainConfig:
     batch_size: int = 256  # global, over all ranks and accumulation steps
     grad_accum: int = 1
     seed: int = 0
+    # Starting weights of a new run (ignored once it has checkpoints): a run folder, checkpoint,
+    # export, pipeline folder or SiT checkpoint of the same network; its EMA weights (soflow.run.init).
+    init: typing.Optional[str] = None
+    init_sha256: typing.Optional[str] = None  # recorded by the trainer; a given value must match the weights
     optimizer: str = "adamw"  # adamw | radam
     lr: float = 1e-4
     betas: list = field(default_factory=lambda: [0.9, 0.99])

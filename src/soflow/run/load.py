@@ -78,7 +78,7 @@ def check_tensors(net: torch.nn.Module, state: dict, path, saved_config: dict, c
     fit `net`, instead of load_state_dict's error of dozens of lines.  `net` was built from
     `config`, or from the file's own `saved_config` when `config` is None; when the two differ,
     the line names the settings that do."""
-    misfits = _misfits(net, state)
+    misfits = tensor_misfits(net, state)
     if not misfits:
         return
     if config is None:
@@ -95,7 +95,7 @@ def check_tensors(net: torch.nn.Module, state: dict, path, saved_config: dict, c
                           f"data setting differs from the checkpoint's: {misfits}")
 
 
-def _misfits(net: torch.nn.Module, state: dict) -> str:
+def tensor_misfits(net: torch.nn.Module, state: dict) -> str:
     """The first tensor of `state` that does not fit `net`, in the network's order, and how many
     more do not ("" if all fit)."""
     own = net.state_dict()

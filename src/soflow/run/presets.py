@@ -1,7 +1,9 @@
 """Presets (src/soflow/configs/*.yaml) and reading a YAML config file.
 
 A preset file with a `variants` mapping is a template, not a preset: each entry NAME is the preset
-`<file stem>-NAME`, that is the file's other keys with the entry's keys laid over them.
+`<file stem>-NAME`, that is the file's other keys with the entry's keys laid over them.  A preset
+with `extends: OTHER` is the preset OTHER with its own keys laid over it (`fmnist-from-fm` is
+`fmnist` set up to start from a flow-matching model).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from ..errors import ConfigError
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 VARIANTS = "variants"
+EXTENDS = "extends"
 
 
 def _variants(path: Path) -> dict:
@@ -45,7 +48,7 @@ def _laid_over(base: dict, top: dict) -> dict:
     return out
 
 
-def read_yaml(source: str) -> dict:
+def read_yaml(source: str, _seen: tuple = ()) -> dict:
     path = Path(source)
     if path.is_dir():
         raise ConfigError(f"--config {source}: is a folder; give a YAML file or a preset name")
@@ -77,4 +80,9 @@ def read_yaml(source: str) -> dict:
             names = ", ".join(f"{path.stem}-{v}" for v in variants) if isinstance(variants, dict) else "none"
             raise ConfigError(f"{path}: a template of presets ({names}); give one of them to --config")
         data = _laid_over(data, variants[variant])
+    if EXTENDS in data:
+        parent = data.pop(EXTENDS)
+        if not isinstance(parent, str) or parent in _seen or len(_seen) > 8:
+            raise ConfigError(f"{path}: {EXTENDS}: expected the name of another preset, got {parent!r}")
+        data = _laid_over(read_yaml(parent, (*_seen, str(source))), data)
     return data

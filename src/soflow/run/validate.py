@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 from ..errors import ConfigError
 from ..methods import METHODS
@@ -52,6 +53,8 @@ def validate(cfg: Config, guidance: bool = True) -> Config:
                           f"{' | '.join(METHODS[cfg.method].modes)}, not {t.sample_mode!r}")
     if not t.sample_nfe or not all(_type_ok(x, int) and x >= 1 for x in t.sample_nfe):
         raise ConfigError(f"train.sample_nfe: expected a list of positive integers, got {t.sample_nfe!r}")
+    if t.init_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", t.init_sha256):
+        raise ConfigError(f"train.init_sha256: expected 64 lowercase hex digits, got {t.init_sha256!r}")
     if t.threads < 0:
         raise ConfigError(f"train.threads: must be 0 (choose by network size) or a positive count, got {t.threads}")
     _validate_fid(cfg)

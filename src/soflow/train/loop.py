@@ -27,6 +27,7 @@ from ..protocols import Objective
 from ..run.build import build_flow, build_objective, build_optimizer
 from ..run.checkpoint import export_safetensors, latest_checkpoint, remove_stale_temporaries
 from ..run.config import Config, dump
+from ..run.init import initial_weights, weights_sha256
 from ..run.load import check_tensors
 from ..seeding import derive_seed, generator
 from ..solution import SolutionFlow
@@ -199,7 +200,25 @@ def _build_models(cfg: Config, env, run_dir: Path, log: RunLog, data):
         check_tensors(ema.model, resumed["ema"], resumed["path"], resumed["config"], cfg.to_dict())
         flow.net.load_state_dict(resumed["net"])
         ema.load_state_dict(resumed["ema"])
+        t.init_sha256 = t.init_sha256 or resumed["config"].get("train", {}).get("init_sha256")
+    elif t.init:
+        _start_from(cfg, flow, ema, log)
     return flow, ema, threads, resumed
+
+
+def _start_from(cfg: Config, flow: SolutionFlow, ema: EMA, log: RunLog) -> None:
+    """train.init: the online network and its EMA both take the source's EMA weights; the step,
+    optimizer and schedules start from 0.  The config records the weights' sha256."""
+    t = cfg.train
+    state, kind = initial_weights(t.init, flow.net)
+    digest = weights_sha256(state)
+    if t.init_sha256 and t.init_sha256 != digest:
+        raise ConfigError(f"train.init_sha256: the weights of {t.init} hash to {digest}, not {t.init_sha256}; "
+                          "the file changed since the config was written (drop train.init_sha256 to accept it)")
+    t.init_sha256 = digest
+    flow.net.load_state_dict(state)
+    ema.load_state_dict(flow.net.state_dict())
+    log.info(f"initial weights from {t.init}: {kind}, sha256 {digest[:16]}")
 
 
 def _announce(cfg: Config, env, log: RunLog, threads: int) -> None:
