@@ -61,7 +61,7 @@ def pretrain(args, seed: int) -> dict:
     run = run_dir(args, "fm", seed)
     cfg = load("fmnist", [*FROM_SCRATCH["flow_matching"], f"train.total_steps={args.steps}", f"train.seed={seed}",
                           f"train.checkpoint_every={args.eval_every}", f"train.keep_every={args.eval_every}",
-                          "train.sample_every=0"])
+                          "train.sample_every=0", *args.set])
     seconds = timed_train(cfg, run)
     scores = [eval_fmnist(ckpt, 8, guidance=w, warn=lambda m: None)
               for ckpt in sorted((run / "checkpoints").glob("ckpt-*.pt")) for w in FM_GUIDANCE]
@@ -75,7 +75,7 @@ def fine_tune(args, recipe: str, seed: int, source_step: int | None) -> dict:
     run = run_dir(args, name, seed)
     cfg = load("fmnist-from-fm", [*RECIPES[recipe], f"train.init={source}", f"train.total_steps={args.steps}",
                                   f"train.seed={seed}", f"train.checkpoint_every={args.eval_every}",
-                                  f"train.keep_every={args.eval_every}", "train.sample_every=0"])
+                                  f"train.keep_every={args.eval_every}", "train.sample_every=0", *args.set])
     seconds = timed_train(cfg, run)
     curve = [eval_fmnist(ckpt, nfe, warn=lambda m: None)
              for ckpt in sorted((run / "checkpoints").glob("ckpt-*.pt")) for nfe in (1, 2)]
@@ -93,6 +93,7 @@ def main():
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--recipes", nargs="+", default=["preset", "lr3e-4", "r-const", "vlr0.25"], choices=list(RECIPES))
     ap.add_argument("--source-step", type=int, default=None, help="start from this kept FM checkpoint (default: the last)")
+    ap.add_argument("--set", action="append", default=[], help="extra override for every run (e.g. train.threads=1)")
     ap.add_argument("--runs", default="runs/warmstart-fmnist")
     ap.add_argument("--out", default="benchmarks/results/warmstart-fmnist.json")
     args = ap.parse_args()
