@@ -88,7 +88,9 @@ def time_reversal(freq_dim: int, max_period: float = 10000.0, dtype: torch.dtype
 
 
 def sit_dit_args(state: dict[str, Tensor]) -> dict:
-    """The DiT arguments that SiT's tensor shapes fix (all but num_heads)."""
+    """The DiT arguments that SiT's tensor shapes fix (all but num_heads).  SiT adds the null-class
+    row only when it trains with label dropout, so a table of odd size reads as classes + null
+    (ImageNet: 1001 rows); pass num_classes and null_class to load_sit_network otherwise."""
     hidden, channels, patch, _ = state["x_embedder.proj.weight"].shape
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     table = state.get("y_embedder.embedding_table.weight")
