@@ -15,7 +15,8 @@ from soflow.nets import build
 from soflow.nets.dit import timestep_embedding
 from soflow.objectives import SoFlowLoss
 from soflow.reference import load_sit_network
-from soflow.sit import read_sit_state, sit_dit_args, time_reversal
+from soflow.nets.registry import load_into
+from soflow.sit import read_sit_state, sit_dit_args, sit_to_soflow, time_reversal
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sit"
 TINY_ARGS = json.loads((FIXTURES / "tiny.json").read_text())
@@ -70,6 +71,8 @@ def test_xl2_layout_is_dit_xl2_name_by_name():
         else:
             assert shape == ours[name], name
     meta = {k: torch.empty(v, device="meta") for k, v in layout.items()}
+    with torch.device("meta"):  # the whole conversion, shapes only: every converted tensor fits dit-xl2
+        load_into(build("dit-xl2"), sit_to_soflow(meta, build("dit-xl2")), source="SiT-XL/2 layout")
     assert sit_dit_args(meta) == dict(input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
                                       mlp_ratio=4.0, num_classes=1000, null_class=True)
 

@@ -109,7 +109,7 @@ def sit_to_soflow(state: dict[str, Tensor], net: nn.Module, source: str = "SiT c
         raise CheckpointError(f"{source}: a SiT checkpoint fits DiT networks only, not {type(net).__name__}")
     out = {k: v for k, v in state.items() if k not in (TIME_IN, *OUTPUT)}
     w1 = state[TIME_IN]
-    out[TIME_IN] = (w1.double() @ time_reversal(w1.shape[1])).to(w1.dtype)
+    out[TIME_IN] = (w1.double() @ time_reversal(w1.shape[1]).to(w1.device)).to(w1.dtype)
     p, c = net.patch_size, net.out_channels
     weight, bias = (state[k] for k in OUTPUT)
     per_position = weight.shape[0] // (p * p)
