@@ -12,6 +12,11 @@ Stages (each appends to the JSON; runs are kept under --runs and reused when fin
     python benchmarks/warmstart_fmnist.py pretrain --seeds 0 1 --steps 2000
     python benchmarks/warmstart_fmnist.py sweep --seeds 0 --steps 500
     python benchmarks/warmstart_fmnist.py final --seeds 0 1 --steps 1000 --recipe preset
+    python benchmarks/warmstart_fmnist.py report --inputs results/warmstart-fmnist-*.json
+
+`report` merges result files (one per process when runs went in parallel) into --out and draws
+the curve of FD against the fine-tuning step beside the from-scratch and flow-matching scores of
+quality_fmnist.py's results (--scratch).
 
 Scores: soflow.eval.run.eval_fmnist (shipped classifier, 1000 EMA samples, 100 per class, against
 the real test split).  Training seconds are wall time of each run as it happened; the docs say what
@@ -85,9 +90,59 @@ def fine_tune(args, recipe: str, seed: int, source_step: int | None) -> dict:
             "train_seconds": seconds, "curve": curve}
 
 
+def merged(paths: list[str]) -> dict:
+    """The stages of several result files in one document (later files win on equal keys)."""
+    out: dict = {}
+    for path in paths:
+        doc = json.loads(Path(path).read_text())
+        for stage in ("pretrain", "sweep", "final"):
+            out.setdefault(stage, {}).update(doc.get(stage, {}))
+    return out
+
+
+def plot(path: Path, results: dict, scratch: dict) -> None:
+    """FD at 1 NFE against fine-tuning steps (mean of seeds), with the from-scratch SoFlow at 2000
+    steps and flow matching's best multi-step score as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for stage in ("final", "sweep"):
+        by_recipe: dict[str, dict[int, list[float]]] = {}
+        for record in results.get(stage, {}).values():
+            for p in record["curve"]:
+                if p["nfe"] == 1:
+                    by_recipe.setdefault(record["recipe"], {}).setdefault(p["step"], []).append(p["classifier_fd"])
+        for recipe, by_step in by_recipe.items():
+            steps = sorted(by_step)
+            ax.plot(steps, [sum(by_step[k]) / len(by_step[k]) for k in steps], marker="o",
+                    label=f"{recipe} from FM ({stage}), 1 NFE")
+    for label, value, style in scratch_lines(scratch):
+        ax.axhline(value, linestyle=style, color="grey", label=label)
+    ax.set(xlabel="fine-tuning step", ylabel="classifier FD (mean of seeds)", yscale="log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def scratch_lines(scratch: dict) -> list[tuple[str, float, str]]:
+    """(label, FD, line style) of the from-scratch references in quality_fmnist.py's results."""
+    if not scratch:
+        return []
+    summary = scratch["results"]["summary"]
+    fm_best = min(v["fd_mean"] for k, v in summary.items() if k.startswith("flow_matching") and k != "flow_matching nfe1")
+    return [("SoFlow from scratch, 2000 steps, 1 NFE", summary["soflow nfe1"]["fd_mean"], "--"),
+            ("flow matching 2000 steps, best multi-step", fm_best, ":")]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=("pretrain", "sweep", "final"))
+    ap.add_argument("stage", choices=("pretrain", "sweep", "final", "report"))
+    ap.add_argument("--inputs", nargs="+", default=[], help="report: result files to merge")
+    ap.add_argument("--scratch", default="results/quality-fmnist.json", help="report: quality_fmnist.py's results")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--eval-every", type=int, default=250)
@@ -98,6 +153,13 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/warmstart-fmnist.json")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.stage == "report":
+        results = merged(args.inputs)
+        scratch = json.loads(Path(args.scratch).read_text()) if Path(args.scratch).is_file() else {}
+        write_json(out, {**results, "recipes": RECIPES, "inputs": args.inputs, "commit": git_commit()})
+        plot(out.with_name(out.stem + "-curve.png"), results, scratch)
+        print(f"wrote {out}")
+        return
     results = json.loads(out.read_text()) if out.is_file() else {}
     results.setdefault("recipes", RECIPES)
     for seed in args.seeds:
@@ -106,7 +168,8 @@ def main():
         else:
             for recipe in args.recipes:
                 record = fine_tune(args, recipe, seed, args.source_step)
-                results.setdefault(args.stage, {})[f"{record['recipe']}-from{args.source_step or 'last'}-seed{seed}"] = record
+                key = f"{record['recipe']}-from{args.source_step or 'last'}-seed{seed}"
+                results.setdefault(args.stage, {})[key] = record
                 write_json(out, {**results, "commit": git_commit()})
         write_json(out, {**results, "commit": git_commit()})
     print(f"wrote {out}")
