@@ -72,3 +72,22 @@ def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
             return {k: f.get_tensor(k) for k in f.keys()}, meta
     except Exception as e:
         raise UnreadableFile(describe(e), holds_objects=False) from None
+
+
+def safetensors_header(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]]:
+    """(metadata, {name: (dtype, shape)}) of a safetensors file, from its header alone: no tensor
+    data is read, so a file's description can be checked before anything is built from it.  The
+    safetensors parser checks that every tensor's byte range lies inside the file, so the shapes
+    are bounded by the file's size.  Any failure is :class:`UnreadableFile`."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            shapes = {}
+            for k in f.keys():
+                view = f.get_slice(k)
+                shapes[k] = (str(view.get_dtype()), tuple(int(n) for n in view.get_shape()))
+            return meta, shapes
+    except Exception as e:
+        raise UnreadableFile(describe(e), holds_objects=False) from None

@@ -48,11 +48,17 @@ def check_arguments(args) -> None:
     for flag, value in (("--num", args.num), ("--nfe", args.nfe), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
+    check_seed(args.seed)
     if not math.isfinite(args.guidance):
         raise ConfigError(f"--guidance must be a finite number, got {args.guidance}")
     problem = unwritable(Path(args.out).parent)
     if problem:
         raise ConfigError(f"--out {args.out}: cannot write there: {problem}")
+
+
+def check_seed(seed: int) -> None:
+    if seed < 0:
+        raise ConfigError(f"--seed must be 0 or more, got {seed}")
 
 
 @contextmanager

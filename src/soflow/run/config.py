@@ -160,6 +160,8 @@ def _set(obj, dotted: str, value, prefix: str = "") -> None:
 
 
 def apply(cfg: Config, values: dict) -> Config:
+    if not isinstance(values, dict):
+        raise ConfigError(f"expected a mapping of config keys, got {type(values).__name__}")
     for k, v in values.items():
         _set(cfg, str(k), v)
     return cfg
