@@ -17,7 +17,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..methods import METHODS
-from .presets import read_yaml
+from .presets import AliasRefused, read_yaml, safe_yaml
 from .reference_yaml import from_reference, is_reference
 
 
@@ -173,7 +173,9 @@ def parse_override(text: str) -> tuple[str, object]:
     if not eq or not key.strip():
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.total_steps=1000")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_yaml(raw) if raw.strip() else ""
+    except AliasRefused as e:
+        raise ConfigError(f"--set {key.strip()}: {e}") from None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value

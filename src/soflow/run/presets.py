@@ -16,8 +16,32 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 VARIANTS = "variants"
 
 
+class AliasRefused(yaml.YAMLError):
+    """A YAML alias (`*name`) in a config: refused, since aliases let a few lines expand into
+    billions of values (billion laughs) or into a structure that holds itself."""
+
+    def __init__(self, name: str, line: int):
+        super().__init__(f"line {line}: YAML aliases (*{name}) are not accepted in a config; write the value out "
+                         "in full")
+
+
+class _NoAliases(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses aliases as it meets them, before anything is expanded."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise AliasRefused(event.anchor, event.start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str):
+    """yaml.safe_load without aliases (AliasRefused, a YAMLError, when the text has one)."""
+    return yaml.load(text, Loader=_NoAliases)  # noqa: S506 (a SafeLoader)
+
+
 def _variants(path: Path) -> dict:
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data = safe_yaml(path.read_text(encoding="utf-8"))
     return data.get(VARIANTS) or {} if isinstance(data, dict) else {}
 
 
@@ -64,7 +88,9 @@ def read_yaml(source: str) -> dict:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_yaml(text)
+    except AliasRefused as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if data is None:  # an empty file (or only comments) would silently train on every default
