@@ -47,10 +47,28 @@ def _refusal(e: BaseException) -> UnreadableFile:
                           "saved with torch.save are read", holds_objects=True)
 
 
+# A torch file is a zip archive (torch.save's format since 1.6) or, in the legacy format, a pickle
+# of protocol 2 or later; anything shorter than a zip's smallest header is no torch file either.
+_TORCH_HEADS, _SMALLEST = (b"PK\x03\x04", b"\x80"), 22
+
+
+def _check_torch_head(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SMALLEST)
+    except OSError as e:
+        raise UnreadableFile(e.strerror or type(e).__name__) from None
+    if len(head) < _SMALLEST:
+        raise UnreadableFile(f"empty or truncated file ({len(head)} byte{'' if len(head) == 1 else 's'})")
+    if not head.startswith(_TORCH_HEADS):
+        raise UnreadableFile("not a torch file (it starts with neither a zip nor a pickle header)")
+
+
 def load_torch(path: str | Path, mmap: bool = False):
     """``torch.load(path, map_location='cpu', weights_only=True)``; any failure is
     :class:`UnreadableFile` with a one-line reason.  mmap=True maps the tensors instead of reading
     them (for files opened only for their plain values)."""
+    _check_torch_head(Path(path))
     try:
         with warnings.catch_warnings():
             # PyTorch warns on stderr about some pickle protocols; the caller reports in one line.

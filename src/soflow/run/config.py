@@ -17,7 +17,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..methods import METHODS
-from .presets import AliasRefused, read_yaml, safe_yaml
+from .presets import read_yaml, safe_yaml
 from .reference_yaml import from_reference, is_reference
 
 
@@ -174,7 +174,7 @@ def parse_override(text: str) -> tuple[str, object]:
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.total_steps=1000")
     try:
         value = safe_yaml(raw) if raw.strip() else ""
-    except AliasRefused as e:
+    except ConfigError as e:  # an alias
         raise ConfigError(f"--set {key.strip()}: {e}") from None
     except yaml.YAMLError:
         value = raw

@@ -32,9 +32,7 @@ def _load_checkpoint(path: Path, weights: str, warn):
         if not list_checkpoints(path):
             raise CheckpointError(f"{path}: no checkpoints in {path / 'checkpoints'}; pass a run folder, a ckpt-*.pt "
                                   "file or an exports/*.safetensors file")
-        blob = latest_checkpoint(path, warn=warn)
-        if blob is None:
-            raise CheckpointError(f"{path}: every checkpoint is unreadable")
+        blob = latest_checkpoint(path, warn=warn)  # not None: there are checkpoints, and not all are unreadable
     elif path.is_file():
         blob = read_checkpoint(path)
     else:
@@ -190,9 +188,9 @@ def check_tensors(net: torch.nn.Module, state: dict, path, saved_config: dict, c
         model = saved_config.get("model", {}) if isinstance(saved_config, dict) else {}
         raise CheckpointError(f"{path}: tensors do not fit the network of its own config (model.net "
                               f"{model.get('net')!r}, model.net_args {model.get('net_args')}): {misfits}")
-    changed = [k for k in _differences(saved_config, config) if k.split(".")[0] in NETWORK_SECTIONS]
+    changed = [k for k in config_differences(saved_config, config) if k.split(".")[0] in NETWORK_SECTIONS]
     if changed:
-        said = ", ".join(f"{k} is {_lookup(config, k)!r} here but {_lookup(saved_config, k)!r} in the checkpoint"
+        said = ", ".join(f"{k} is {config_value(config, k)!r} here but {config_value(saved_config, k)!r} in the checkpoint"
                          for k in changed[:3]) + (f" (and {len(changed) - 3} more)" if len(changed) > 3 else "")
         raise CheckpointError(f"{path}: tensors do not fit the network of this config: {said}; {misfits}; "
                               "resume without changing these settings, or train in a new --run-dir")
@@ -213,15 +211,15 @@ def _misfits(net: torch.nn.Module, state: dict) -> str:
     return (problems[0] + (f" (and {more} more)" if more > 0 else "")) if problems else ""
 
 
-def _differences(old, new, prefix: str = "") -> list[str]:
+def config_differences(old, new, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested config dicts."""
     if not (isinstance(old, dict) and isinstance(new, dict)):
         return [prefix.rstrip(".")] if old != new else []
     return [k for key in sorted(set(old) | set(new))
-            for k in _differences(old.get(key), new.get(key), f"{prefix}{key}.")]
+            for k in config_differences(old.get(key), new.get(key), f"{prefix}{key}.")]
 
 
-def _lookup(config: dict, dotted: str):
+def config_value(config: dict, dotted: str):
     for part in dotted.split("."):
         config = config.get(part) if isinstance(config, dict) else None
     return config

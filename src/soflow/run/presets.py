@@ -16,27 +16,20 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 VARIANTS = "variants"
 
 
-class AliasRefused(yaml.YAMLError):
-    """A YAML alias (`*name`) in a config: refused, since aliases let a few lines expand into
-    billions of values (billion laughs) or into a structure that holds itself."""
-
-    def __init__(self, name: str, line: int):
-        super().__init__(f"line {line}: YAML aliases (*{name}) are not accepted in a config; write the value out "
-                         "in full")
-
-
 class _NoAliases(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses aliases as it meets them, before anything is expanded."""
+    """yaml.SafeLoader that refuses aliases (`*name`) as it meets them, before anything is expanded:
+    aliases let a few lines grow into billions of values (billion laughs) or a list that holds itself."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise AliasRefused(event.anchor, event.start_mark.line + 1)
+            raise ConfigError(f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not accepted in "
+                              "a config, since they can expand without bound; write the value out in full")
         return super().compose_node(parent, index)
 
 
 def safe_yaml(text: str):
-    """yaml.safe_load without aliases (AliasRefused, a YAMLError, when the text has one)."""
+    """yaml.safe_load without aliases (a ConfigError naming the line when the text has one)."""
     return yaml.load(text, Loader=_NoAliases)  # noqa: S506 (a SafeLoader)
 
 
@@ -89,7 +82,7 @@ def read_yaml(source: str) -> dict:
         raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
     try:
         data = safe_yaml(text)
-    except AliasRefused as e:
+    except ConfigError as e:  # an alias
         raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
