@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError, DataError
 from .methods import Method, method
 from .solution import SolutionFlow
 
@@ -38,6 +38,7 @@ class Pipeline:
         self.step = step
         self.vae_path = vae if vae is not None else config.data.vae
         self._vae = vae_model
+        self._unfollowed_vae = None  # a data.vae of an opened file that was not followed (from_pretrained)
 
     # ---------------------------------------------------------------- opening and saving
 
@@ -45,30 +46,50 @@ class Pipeline:
     def from_pretrained(cls, source: str | Path, *, weights: str = "ema", device: str | torch.device = "cpu",
                         vae: str | None = None, warn=print) -> Pipeline:
         """Open a folder written by `save_pretrained` (safetensors only), a run folder (its newest
-        checkpoint), a checkpoint file or a safetensors export.  `vae` replaces the run's data.vae."""
+        checkpoint), a checkpoint file or a safetensors export.  `vae` replaces the run's data.vae.
+
+        A pipeline folder or export is read as a stranger's file: the weights' metadata is the
+        authoritative config (a config.json that disagrees with it is refused), and its data.vae is
+        followed only when it lies inside the folder; give `vae` otherwise."""
         from .run.load import load_run
 
-        source = Path(source)
+        source, folder = Path(source), None
         if source.is_dir() and (source / CONFIG_FILE).is_file():
-            source = source / WEIGHTS_FILE
+            folder, source = source, source / WEIGHTS_FILE
             if not source.is_file():
                 raise CheckpointError(f"{source.parent}: has {CONFIG_FILE} but no {WEIGHTS_FILE}")
         cfg, flow, step = load_run(source, weights, device=device, warn=warn)
-        return cls(flow, cfg, step, vae)
+        if folder is not None:
+            check_pipeline_config(folder, pipeline_info(cfg, flow, step))
+        shared = folder if folder is not None else source.parent if source.suffix == ".safetensors" else None
+        unfollowed = None
+        if vae is None and shared is not None and cfg.data.vae:
+            vae = vae_inside(cfg.data.vae, shared)
+            unfollowed = None if vae else f"{cfg.data.vae!r} (outside {shared})"
+            cfg.data.vae = vae
+        pipe = cls(flow, cfg, step, vae)
+        pipe._unfollowed_vae = unfollowed
+        return pipe
 
-    def save_pretrained(self, folder: str | Path, *, grid: bool = True) -> Path:
+    def save_pretrained(self, folder: str | Path, *, grid: bool = True, overwrite: bool = False) -> Path:
         """Write the Hub layout: config.json, model.safetensors (the network's weights, with the
         config in the metadata), README.md (a model card with the training config) and, unless
-        grid=False, samples.png (a grid of 1-NFE samples, shown in the card)."""
+        grid=False, samples.png (a grid of 1-NFE samples, shown in the card).  A folder that
+        already holds files is refused unless overwrite=True."""
         from .run.checkpoint import export_safetensors
-        from .run.model_card import model_card, pipeline_config
+        from .run.model_card import model_card
 
         folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"{folder}: is a file, not a folder; give a new or empty folder")
+        if not overwrite and folder.is_dir() and any(folder.iterdir()):
+            raise ConfigError(f"{folder}: the folder already holds files; give a new or empty folder, or pass "
+                              "overwrite=True to replace the model in it")
         folder.mkdir(parents=True, exist_ok=True)
         net, classes = self.flow.net, self.flow.num_classes
         export_safetensors(folder / WEIGHTS_FILE, net.state_dict(), self.config.to_dict(), self.step or 0,
                            net.sample_shape, classes)
-        info = pipeline_config(self.config, net.sample_shape, classes, self.step, self.vae_path)
+        info = pipeline_info(self.config, self.flow, self.step, self.vae_path)
         (folder / CONFIG_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         grid_file = self._write_grid(folder / GRID_FILE) if grid else None
         (folder / CARD_FILE).write_text(model_card(self.config, info, grid_file), encoding="utf-8")
@@ -117,6 +138,9 @@ class Pipeline:
     def sample(self, num: int, nfe: int, *, first: int = 0, decode: bool = True, **kw) -> Tensor:
         """Samples first .. first + num - 1 as one tensor: decoded images (raw latents with
         decode=False) or points."""
+        for name, value in (("num", num), ("nfe", nfe)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         return torch.cat(list(self.chunks(first, first + num, nfe, decode=decode, **kw)))
 
     def chunks(self, first: int, last: int, nfe: int, *, decode: bool = True, batch_size: int = 256,
@@ -129,6 +153,9 @@ class Pipeline:
     @property
     def vae(self):
         """The SD-VAE of a latent model, loaded on first use (one line if it cannot be)."""
+        if self._vae is None and not self.vae_path and self._unfollowed_vae:
+            raise DataError(f"the model's data.vae {self._unfollowed_vae} is not followed: a downloaded model "
+                            "names no folder outside its own; pass the SD-VAE folder with --vae (vae= in Python)")
         if self._vae is None:
             from .data.vae import load_vae
 
@@ -142,6 +169,44 @@ class Pipeline:
         from .data.vae import decode
 
         return decode(self.vae, x.float())
+
+
+# config.json keys that describe the network; the weights' metadata decides them
+NETWORK_KEYS = ("method", "network", "network_args", "path", "parameterization", "sample_shape", "num_classes", "data")
+
+
+def pipeline_info(cfg, flow: SolutionFlow, step: int | None, vae: str | None = None) -> dict:
+    """The config.json of a pipeline of `flow` trained with `cfg`."""
+    from .run.model_card import pipeline_config
+
+    return pipeline_config(cfg, flow.net.sample_shape, flow.num_classes, step, vae)
+
+
+def check_pipeline_config(folder: Path, info: dict) -> None:
+    """Refuse a pipeline folder whose config.json says other than its weights' metadata about the
+    network (`info`: the config.json the metadata gives), naming the first key that differs."""
+    path = folder / CONFIG_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON file ({type(e).__name__})") from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    for key in NETWORK_KEYS:
+        if saved.get(key) != info[key]:
+            raise CheckpointError(f"{path}: {key} is {str(saved.get(key))[:80]} but {info[key]!s:.80} in the metadata "
+                                  f"of {WEIGHTS_FILE}, which decides; the folder was altered, so get it again "
+                                  "from its source")
+
+
+def vae_inside(vae: str, folder: Path) -> str | None:
+    """The VAE path `vae` (relative ones from `folder`) if it lies inside `folder`, else None."""
+    path = Path(vae) if Path(vae).is_absolute() else folder / vae
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except (ValueError, OSError, RuntimeError):
+        return None
+    return str(path)
 
 
 def to_pil(images: Tensor) -> list:

@@ -47,12 +47,30 @@ def _refusal(e: BaseException) -> UnreadableFile:
                           "saved with torch.save are read", holds_objects=True)
 
 
+# A torch file is a zip archive (torch.save's format since 1.6) or, in the legacy format, a pickle
+# of protocol 2 or later; anything shorter than a zip's smallest header is no torch file either.
+_TORCH_HEADS, _SMALLEST = (b"PK\x03\x04", b"\x80"), 22
+
+
+def _check_torch_head(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SMALLEST)
+    except OSError as e:
+        raise UnreadableFile(e.strerror or type(e).__name__) from None
+    if len(head) < _SMALLEST:
+        raise UnreadableFile(f"empty or truncated file ({len(head)} byte{'' if len(head) == 1 else 's'})")
+    if not head.startswith(_TORCH_HEADS):
+        raise UnreadableFile("not a torch file (it starts with neither a zip nor a pickle header)")
+
+
 def load_torch(path: str | Path, mmap: bool = False, allow: tuple[type, ...] = ()):
     """``torch.load(path, map_location='cpu', weights_only=True)``; any failure is
     :class:`UnreadableFile` with a one-line reason.  mmap=True maps the tensors instead of reading
     them (for files opened only for their plain values).  `allow` names plain data classes the
     restricted unpickler may rebuild besides tensors (attributes only, no code runs): SiT's
     checkpoints hold an ``argparse.Namespace``."""
+    _check_torch_head(Path(path))
     try:
         with warnings.catch_warnings(), torch.serialization.safe_globals(list(allow)):
             # PyTorch warns on stderr about some pickle protocols; the caller reports in one line.
@@ -72,5 +90,24 @@ def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
             return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except Exception as e:
+        raise UnreadableFile(describe(e), holds_objects=False) from None
+
+
+def safetensors_header(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]]:
+    """(metadata, {name: (dtype, shape)}) of a safetensors file, from its header alone: no tensor
+    data is read, so a file's description can be checked before anything is built from it.  The
+    safetensors parser checks that every tensor's byte range lies inside the file, so the shapes
+    are bounded by the file's size.  Any failure is :class:`UnreadableFile`."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            shapes = {}
+            for k in f.keys():
+                view = f.get_slice(k)
+                shapes[k] = (str(view.get_dtype()), tuple(int(n) for n in view.get_shape()))
+            return meta, shapes
     except Exception as e:
         raise UnreadableFile(describe(e), holds_objects=False) from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -100,6 +101,8 @@ def _solution(model: SolutionFlow, x: Tensor, t: float, s: float, labels, guidan
 def _in_batches(model: SolutionFlow, n: int, draws: int, seed: int, labels, batch_size: int, first_index: int,
                 device, run) -> Tensor:
     """Per-sample noise [b, draws, ...] and labels, batch by batch, through run(noise, labels)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     labels = _requested_labels(labels, n, model.num_classes)
     shape, dtype = tuple(model.net.sample_shape), next(model.parameters()).dtype

@@ -12,6 +12,7 @@ only once it is complete.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import zipfile
@@ -25,6 +26,9 @@ from .errors import ConfigError
 from .plots import image_grid, plural, scatter_panels, to_uint8
 
 COPY_BLOCK = 16 << 20  # bytes per read when parts are copied into the output
+PLOT_BYTES = 1 << 31  # a .png figure loads its samples whole, as float32: at most this many bytes of them
+# characters that the temporary names next to the output add to its name (see SampleOutput.part)
+OUT_NAME_EXTRA = len("..0123456789ab.part0000.npy")
 
 
 def output_kind(out: Path, sample_shape) -> str:
@@ -68,6 +72,7 @@ class SampleOutput:
         self.kind = output_kind(self.out, tuple(sample_shape))
         self.num, self.world, self.batch_size, self.token = num, world, batch_size, token
         self.images = len(sample_shape) == 3
+        self.sample_shape = tuple(sample_shape)
         self.title = title  # of a .png figure: how the samples were drawn
 
     # names -----------------------------------------------------------------------------------
@@ -97,6 +102,24 @@ class SampleOutput:
             raise ConfigError(f"--out {self.out}: is a folder; give a file name ending in .{self.kind}")
         with failed_writes_as_errors(self.out.parent):
             self.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def bytes_needed(self) -> int:
+        """Disk space the output takes while it is assembled: the parts and the output (a folder of
+        PNGs, about its raw pixels; a figure, little)."""
+        numel = math.prod(self.sample_shape)
+        raw = self.num * numel * (1 if self.kind in ("folder", "png") or (self.kind == "npz" and self.images) else 4)
+        return {"folder": raw, "png": 4 * self.num * numel}.get(self.kind, 2 * raw)
+
+    def check_space(self) -> None:
+        """Refuse, before any sampling, an output that the disk (or, for a figure, memory) cannot hold."""
+        need = self.bytes_needed()
+        if self.kind == "png" and need > PLOT_BYTES:
+            raise ConfigError(f"--num {self.num}: a .png figure holds at most {PLOT_BYTES // need * self.num or 1} of "
+                              "these samples; write .npy or .npz for more")
+        free = shutil.disk_usage(self.out.parent).free
+        if need > free:
+            raise ConfigError(f"--out {self.out}: {self.num} samples need about {_size(need)} while it is written, and "
+                              f"{self.out.parent} has {_size(free)} free; lower --num or choose another place")
 
     def writer(self, rank: int):
         """The object that takes this rank's samples, chunk by chunk, in index order."""
@@ -181,6 +204,10 @@ class SampleOutput:
         if found != self.num:
             raise ConfigError(f"--out {self.out}: {found} of {self.num} images were written; the output folder must "
                               "be on a file system that every rank sees")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.3g} GB" if n >= 1e8 else f"{n / 1e6:.3g} MB"
 
 
 def _uint8_nhwc(x: torch.Tensor) -> np.ndarray:

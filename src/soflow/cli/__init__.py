@@ -16,6 +16,7 @@ status 2 (SOFLOW_DEBUG=1 shows the traceback).
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -25,14 +26,15 @@ from .parser import build_parser
 # OS errors about a path the user gave (a missing file, a read-only or occupied destination): bad
 # input like a SoflowError, printed as "PATH: reason".
 PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)
+PATH_ERRNOS = (errno.ENAMETOOLONG, errno.ELOOP)  # a name too long, a loop of symbolic links
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SoflowError, *PATH_ERRORS) as e:  # bad input; anything else is a fault and keeps its traceback
-        if os.environ.get("SOFLOW_DEBUG"):
+    except (SoflowError, OSError) as e:  # bad input; anything else is a fault and keeps its traceback
+        if os.environ.get("SOFLOW_DEBUG") or not _bad_input(e):
             raise
         # an OS error reads "PATH: reason" (a path the user gave); every message is kept on one line
         text = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
@@ -40,3 +42,6 @@ def main(argv=None) -> int:
         print(f"soflow {args.command}: error: {text}", file=sys.stderr)
         return 2
 
+
+def _bad_input(e: BaseException) -> bool:
+    return isinstance(e, (SoflowError, *PATH_ERRORS)) or (isinstance(e, OSError) and e.errno in PATH_ERRNOS)

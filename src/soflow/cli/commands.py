@@ -67,12 +67,14 @@ def cmd_eval(args) -> int:
 
     from ..eval.run import eval_fmnist, eval_points
     from ..run.folder import unwritable
+    from .sample import check_seed
 
     # The arguments are checked before a model is loaded or a sample drawn.
     count = ("--num", args.num) if args.eval_command == "points" else ("--per-class", args.per_class)
     for flag, value in (("--nfe", args.nfe), count):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
+    check_seed(args.seed)
     if args.eval_command == "fmnist" and not math.isfinite(args.guidance):
         raise ConfigError(f"--guidance must be a finite number, got {args.guidance}")
     problem = unwritable(Path(args.json).parent) if args.json else None

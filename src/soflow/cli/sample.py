@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 
 from ..errors import ConfigError, SoflowError
 
+MAX_NFE = 10_000  # evaluations per sample; flow matching's finest ODE grids use about 1000
+
 
 def cmd_sample(args) -> int:
     """Rank r draws a contiguous range of whole batches (per-sample seeds make the result independent
@@ -20,18 +23,22 @@ def cmd_sample(args) -> int:
     from .. import distributed
     from ..plots import plural
 
+    from ..train.lock import OutputLock
+
     check_arguments(args)  # before a model is loaded, so that a wrong value costs no wait
-    with _sigterm_unwinds():
+    with _sigterm_unwinds(args.out):
         env = distributed.setup(args.device or "auto")
         output = None
         try:
-            pipe = _open(args, env)
-            output = _output(args, pipe, env)
-            _write_parts(args, pipe, output, env)
-            if env.is_main:
-                out = output.assemble()
-                print(f"{plural(args.num, 'sample')} ({pipe.config.method}, {output.title}) written to "
-                      f"{Path(out).resolve()}")
+            # one writer per output (rank 0 for all ranks); torchrun stops the others if it is refused
+            with OutputLock(args.out, warn=lambda m: None) if env.is_main else contextlib.nullcontext():
+                pipe = _open(args, env)
+                output = _output(args, pipe, env)
+                _write_parts(args, pipe, output, env)
+                if env.is_main:
+                    out = output.assemble()
+                    print(f"{plural(args.num, 'sample')} ({pipe.config.method}, {output.title}) written to "
+                          f"{Path(out).resolve()}")
         finally:
             if output is not None and env.is_main:
                 output.discard()
@@ -41,24 +48,35 @@ def cmd_sample(args) -> int:
 
 def check_arguments(args) -> None:
     from ..distributed import DEVICES
-    from ..run.folder import unwritable
+    from ..run.folder import too_long, unwritable
+    from ..writers import OUT_NAME_EXTRA
 
     if str(args.device or "auto").lower() not in DEVICES:
         raise ConfigError(f"--device {args.device}: choose one of {', '.join(DEVICES)}")
     for flag, value in (("--num", args.num), ("--nfe", args.nfe), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if args.nfe > MAX_NFE:
+        raise ConfigError(f"--nfe {args.nfe}: at most {MAX_NFE} network evaluations per sample")
+    check_seed(args.seed)
     if not math.isfinite(args.guidance):
         raise ConfigError(f"--guidance must be a finite number, got {args.guidance}")
-    problem = unwritable(Path(args.out).parent)
+    problem = too_long(args.out, extra=OUT_NAME_EXTRA) or unwritable(Path(args.out).parent)
     if problem:
         raise ConfigError(f"--out {args.out}: cannot write there: {problem}")
 
 
+def check_seed(seed: int) -> None:
+    if seed < 0:
+        raise ConfigError(f"--seed must be 0 or more, got {seed}")
+
+
 @contextmanager
-def _sigterm_unwinds():
-    """torchrun ends the other ranks with SIGTERM: unwind, so that temporary files go."""
+def _sigterm_unwinds(out):
+    """torchrun ends the other ranks with SIGTERM: unwind, so that temporary files go, and say so."""
     def stop(signum, frame):
+        print(f"soflow sample: stopped by signal {signum}; nothing was written to {out} (an existing {out} is "
+              "kept as it was) and the partial samples were removed", file=sys.stderr, flush=True)
         raise SystemExit(128 + signum)
 
     main_thread = threading.current_thread() is threading.main_thread()
@@ -84,6 +102,8 @@ def _open(args, env):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(pipe.config.train.tf32)
     if args.class_id is not None and not pipe.flow.num_classes:
         raise ConfigError(f"--class {args.class_id}: the model is unconditional; leave --class out")
+    if args.class_id is not None and not 0 <= args.class_id < pipe.flow.num_classes:
+        raise ConfigError(f"--class {args.class_id}: the model's classes are 0 to {pipe.flow.num_classes - 1}")
     problem = guidance_problem(pipe.flow, args.guidance, trained_with_dropout=guided_training(pipe.config))
     if problem:
         raise ConfigError(f"--guidance {args.guidance}: {problem}")
@@ -101,6 +121,7 @@ def _output(args, pipe, env):
                          args.class_id)
     output = SampleOutput(args.out, pipe.flow.net.sample_shape, args.num, env.world, args.batch_size, token, title)
     output.check_destination()
+    output.check_space()
     if pipe.is_latent and output.kind != "npy":  # a missing VAE is one line before any sample is drawn
         _ = pipe.vae
     return output

@@ -30,6 +30,8 @@ from torch import Tensor
 from ..errors import EvalError
 from .images import _check_images, _open_npz, _read_array, load_images
 
+PRC_K = 3  # neighbours of precision and recall, as in ADM's evaluator
+
 ImagesLike = Union[Tensor, np.ndarray, str, Path]
 Stats = tuple[np.ndarray, np.ndarray]
 
@@ -171,7 +173,7 @@ def inception_score(logits, splits: int = 10) -> tuple[float, float]:
 # Precision and recall
 
 
-def precision_recall(real, fake, k: int = 3, batch_size: int = 10000) -> tuple[float, float]:
+def precision_recall(real, fake, k: int = PRC_K, batch_size: int = 10000) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019, Sec. 2) of feature sets
     ``real`` [N, D] and ``fake`` [M, D]:
 

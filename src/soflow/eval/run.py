@@ -10,7 +10,7 @@ import torch
 from ..data import make_dataset
 from ..errors import EvalError
 from ..pipeline import Pipeline
-from .fid import frechet_distance, inception_score, load_features, load_stats, precision_recall, save_stats, statistics
+from .fid import PRC_K, frechet_distance, inception_score, load_features, load_stats, precision_recall, save_stats, statistics
 from .images import load_images, npz_keys
 from .inception import LAYER_DIMS, SPATIAL, InceptionFeatures
 from .points import energy_distance, sliced_wasserstein2
@@ -92,6 +92,10 @@ def fid_reference(src: str, out, weights=None, device=None, batch_size: int = 64
     ADM's spatial statistics mu_s, sigma_s with `sfid`.  Returns (path written, number of images)."""
     extractor = _extractor(weights, device, batch_size, dims, sfid=sfid)
     out_feats = _features(extractor, src, data_path, dims)
+    if prc and len(out_feats[dims]) <= PRC_K:
+        raise EvalError(f"--images {src}: precision and recall use the {PRC_K} nearest neighbours of each image, so "
+                        f"a reference for --prc needs at least {PRC_K + 1} images, not {len(out_feats[dims])}; "
+                        f"nothing was written to {out}")
     extra = {}
     if sfid:
         extra["mu_s"], extra["sigma_s"] = statistics(out_feats[SPATIAL])
@@ -101,7 +105,7 @@ def fid_reference(src: str, out, weights=None, device=None, batch_size: int = 64
 
 def fid_against_reference(src: str, ref, weights=None, device=None, batch_size: int = 64, data_path=None,
                           dims: str = "2048", with_is: bool = False, prc: bool = False, sfid: bool = False,
-                          k: int = 3) -> dict:
+                          k: int = PRC_K) -> dict:
     """`soflow fid calc`: FID of an image source against the reference file `ref`, and with the
     flags the Inception Score, sFID (against the reference's mu_s, sigma_s) and precision / recall
     (k nearest neighbours, against the reference's `features`, or the features of the images in

@@ -170,8 +170,9 @@ class DiT(nn.Module):
         self.s_embedder = TimestepEmbedder(hidden_size)  # embeds the gap t - s
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, null_class) if num_classes else None
         grid = input_size // patch_size
-        pos = torch.from_numpy(sincos_pos_embed_2d(hidden_size, grid)).float().unsqueeze(0)
-        self.pos_embed = nn.Parameter(pos, requires_grad=False)
+        self.pos_embed = nn.Parameter(torch.empty(1, grid * grid, hidden_size), requires_grad=False)
+        if not self.pos_embed.is_meta:  # a network built on the meta device (for its shapes) allocates nothing
+            self.pos_embed.data.copy_(torch.from_numpy(sincos_pos_embed_2d(hidden_size, grid)).unsqueeze(0))
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.initialize_weights()

@@ -178,21 +178,31 @@ def read_checkpoint(path: Path) -> dict:
 
 
 def latest_checkpoint(run_dir: Path, warn=print, quarantine: bool = False) -> dict | None:
-    """The newest readable checkpoint of a run; unreadable newer ones are reported and skipped.
+    """The newest readable checkpoint of a run (None when it has none); unreadable newer ones are
+    reported and skipped.  A run whose checkpoints are all unreadable is one CheckpointError
+    naming them: starting over from step 0 is the user's decision, never a silent one.
 
-    quarantine=True (the trainer's main rank) renames them to `*.pt.corrupt`, so that pruning
-    keeps counting good checkpoints only; nothing is deleted.
+    quarantine=True (the trainer's main rank) renames the skipped ones to `*.pt.corrupt`, so that
+    pruning keeps counting good checkpoints only; nothing is deleted.
     """
+    bad = []
     for step, path in list_checkpoints(run_dir):
         try:
             blob = read_checkpoint(path)
         except CheckpointError as e:
-            if quarantine:
-                os.replace(path, path.with_name(path.name + ".corrupt"))
-            warn(f"warning: {e}; falling back to an older checkpoint" + (" (kept as *.corrupt)" if quarantine else ""))
+            bad.append((path, e))
             continue
+        for skipped, e in bad:
+            if quarantine:
+                os.replace(skipped, skipped.with_name(skipped.name + ".corrupt"))
+            warn(f"warning: {e}; falling back to step {step}" + (" (kept as *.corrupt)" if quarantine else ""))
         blob["path"] = str(path)
         return blob
+    if bad:
+        names = ", ".join(p.name for p, _ in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CheckpointError(f"{checkpoint_dir(run_dir)}: every checkpoint is unreadable ({names}; the newest: "
+                              f"{str(bad[0][1]).removeprefix(str(bad[0][0]) + ': ')}); none was changed; to start "
+                              "over from step 0, move them out of that folder, or train in a new --run-dir")
     return None
 
 

@@ -17,7 +17,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..methods import METHODS
-from .presets import read_yaml
+from .presets import read_yaml, safe_yaml
 from .reference_yaml import from_reference, is_reference
 
 
@@ -164,6 +164,8 @@ def _set(obj, dotted: str, value, prefix: str = "") -> None:
 
 
 def apply(cfg: Config, values: dict) -> Config:
+    if not isinstance(values, dict):
+        raise ConfigError(f"expected a mapping of config keys, got {type(values).__name__}")
     for k, v in values.items():
         _set(cfg, str(k), v)
     return cfg
@@ -175,7 +177,9 @@ def parse_override(text: str) -> tuple[str, object]:
     if not eq or not key.strip():
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.total_steps=1000")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_yaml(raw) if raw.strip() else ""
+    except ConfigError as e:  # an alias
+        raise ConfigError(f"--set {key.strip()}: {e}") from None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value

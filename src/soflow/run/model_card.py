@@ -37,8 +37,7 @@ def model_card(cfg: Config, info: dict, grid: Path | None) -> str:
         f"{info['training_steps']} steps on `{cfg.data.name}` ({classes}, samples of shape "
         f"{tuple(info['sample_shape'])}). The weights are the EMA weights.", "",
         "```python", "from soflow import Pipeline", "",
-        'pipe = Pipeline.from_pretrained("THIS_FOLDER")',
-        "images = pipe(num=16, nfe=1, seed=0)  # one network evaluation per sample", "```", "",
+        'pipe = Pipeline.from_pretrained("THIS_FOLDER")', usage_line(info), "```", "",
     ]
     if "vae" in info:
         lines += [f"Samples are SD-VAE latents, decoded with `{info['vae']['diffusers_name']}` "
@@ -47,3 +46,11 @@ def model_card(cfg: Config, info: dict, grid: Path | None) -> str:
         lines += [f"![1-NFE samples]({grid.name})", ""]
     lines += ["## Training config", "", "```yaml", dump(cfg).rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def usage_line(info: dict) -> str:
+    """The card's sampling line for this kind of model: PIL images, or a tensor of points."""
+    if len(info["sample_shape"]) == 1:
+        return (f"points = pipe(num=2000, nfe=1, seed=0, output=\"tensor\")  # [2000, {info['sample_shape'][0]}], "
+                "one network evaluation per sample")
+    return "images = pipe(num=16, nfe=1, seed=0)  # 16 PIL images, one network evaluation per sample"

@@ -19,8 +19,25 @@ VARIANTS = "variants"
 EXTENDS = "extends"
 
 
+class _NoAliases(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses aliases (`*name`) as it meets them, before anything is expanded:
+    aliases let a few lines grow into billions of values (billion laughs) or a list that holds itself."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not accepted in "
+                              "a config, since they can expand without bound; write the value out in full")
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str):
+    """yaml.safe_load without aliases (a ConfigError naming the line when the text has one)."""
+    return yaml.load(text, Loader=_NoAliases)  # noqa: S506 (a SafeLoader)
+
+
 def _variants(path: Path) -> dict:
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data = safe_yaml(path.read_text(encoding="utf-8"))
     return data.get(VARIANTS) or {} if isinstance(data, dict) else {}
 
 
@@ -67,7 +84,9 @@ def read_yaml(source: str, _seen: tuple = ()) -> dict:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_yaml(text)
+    except ConfigError as e:  # an alias
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if data is None:  # an empty file (or only comments) would silently train on every default

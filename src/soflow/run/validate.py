@@ -15,7 +15,9 @@ from .config import CHOICES, Config, _type_ok, has_labels
 def validate(cfg: Config, guidance: bool = True) -> Config:
     """Check every key; `guidance=False` skips the training-time guidance checks (for opening runs
     that were already trained)."""
-    flat = {"method": cfg.method, "model.path": cfg.model.path, "model.parameterization": cfg.model.parameterization,
+    if cfg.method not in METHODS:  # first: every check below looks up the method's section
+        raise ConfigError(f"method: {cfg.method!r} is not one of {', '.join(METHODS)} (lower case)")
+    flat = {"model.path": cfg.model.path, "model.parameterization": cfg.model.parameterization,
             "train.optimizer": cfg.train.optimizer, "train.precision": cfg.train.precision,
             "train.device": cfg.train.device}
     for key, value in flat.items():

@@ -23,34 +23,54 @@ LOCK_NAME = ".lock"
 class RunLock:
     """`with RunLock(run_dir, warn):` holds the run folder for the block (or call acquire/release)."""
 
+    flag, holder = "--run-dir", "trainer"  # the option that names the place, and who holds it
+
     def __init__(self, run_dir: str | Path, warn=print):
         self.path = Path(run_dir) / LOCK_NAME
         self.warn = warn
         self._fd: int | None = None
 
+    def busy(self, holder: str) -> str:
+        return (f"{self.path.parent}: another trainer is using this run folder ({holder}); wait for it to finish, "
+                "stop it, or choose another --run-dir")
+
     def acquire(self) -> "RunLock":
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:  # the folder is a file, or not writable: say so before any work starts
-            raise ConfigError(f"--run-dir {self.path.parent}: cannot write there ({e.strerror})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _describe(_read(fd))
-            os.close(fd)
-            raise ConfigError(f"{self.path.parent}: another trainer is using this run folder ({holder}); "
-                              "wait for it to finish, stop it, or choose another --run-dir") from None
+        while True:
+            fd, created = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _describe(_read(fd))
+                os.close(fd)
+                raise ConfigError(self.busy(holder)) from None
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # removed by its last holder after we opened it: open the new one
         previous = _read(fd)
-        if previous:  # written by a trainer that exited without releasing (killed): its lock went with it
-            self.warn(f"warning: taking over the lock of a trainer that is gone ({_describe(previous)})")
+        if previous:  # written by a process that exited without releasing (killed): its lock went with it
+            self.warn(f"warning: taking over the lock of a {self.holder} that is gone ({_describe(previous)})")
         record = {"host": socket.gethostname(), "pid": os.getpid(),
                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+            os.fsync(fd)
+        except OSError as e:  # a full disk (or quota) at start: nothing of this process stays behind
+            if created:
+                self.path.unlink(missing_ok=True)
+            os.close(fd)
+            raise ConfigError(f"{self.flag} {self.path.parent}: cannot write there ({e.strerror}); free some space "
+                              "and run again") from None
         self._fd = fd
         return self
+
+    def _open(self) -> tuple[int, bool]:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            created = not self.path.exists()
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), created
+        except OSError as e:  # the folder is a file, or not writable: say so before any work starts
+            raise ConfigError(f"{self.flag} {self.path.parent}: cannot write there ({e.strerror})") from None
 
     def release(self) -> None:
         if self._fd is None:
@@ -65,6 +85,34 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class OutputLock(RunLock):
+    """`with OutputLock(out):` one `soflow sample` at a time writes `out`; the lock file
+    (`.NAME.lock` next to it) is removed when the writer is done."""
+
+    flag, holder = "--out", "soflow sample"
+
+    def __init__(self, out: str | Path, warn=print):
+        super().__init__(Path(out).parent, warn)
+        self.out = Path(out)
+        self.path = self.out.with_name(f".{self.out.name}.lock")
+
+    def busy(self, holder: str) -> str:
+        return (f"--out {self.out}: another soflow sample is writing it ({holder}); wait for it to finish, or "
+                "choose another --out")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # while held: a process that opened it sees another file and retries
+        super().release()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
 
 
 def _read(fd: int) -> dict:

@@ -9,6 +9,7 @@ from .. import distributed
 from ..errors import CheckpointError
 from ..run.checkpoint import run_state, save_checkpoint
 from ..run.config import Config
+from ..run.load import config_differences, config_value
 from ..seeding import derive_seed
 from . import parallel
 from .runlog import RunLog, plural
@@ -30,7 +31,13 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 def resume(cfg: Config, env, log: RunLog, optimizer, resumed: dict, flow) -> int:
     """Optimizer state, step and this rank's random state from the checkpoint; returns the step."""
     applied = []
-    if resumed["optimizer"]:  # converted reference runs come without one
+    before = str(config_value(resumed["config"], "train.optimizer") or cfg.train.optimizer).lower()
+    other_kind = before != cfg.train.optimizer.lower()
+    if other_kind:  # AdamW moments are not RAdam's (nor the reverse): no state carries over
+        log.warn(f"warning: train.optimizer is {cfg.train.optimizer} here but {before} in the checkpoint: "
+                 f"{cfg.train.optimizer} starts with a fresh state (no moments) at step {int(resumed['step'])}; "
+                 f"--set train.optimizer={before} keeps the checkpoint's")
+    elif resumed["optimizer"]:  # converted reference runs come without one
         parallel.load_optimizer(flow.net, optimizer, resumed["optimizer"])
         applied = apply_optimizer_settings(optimizer)
     step = int(resumed["step"])
@@ -45,7 +52,8 @@ def resume(cfg: Config, env, log: RunLog, optimizer, resumed: dict, flow) -> int
     log.info(f"resumed from {resumed['path']} at step {step}")
     changed = config_changes(resumed["config"], cfg.to_dict())
     if changed:
-        log.warn(f"warning: config differs from the checkpoint's in {', '.join(changed)}")
+        log.warn(f"warning: config differs from the checkpoint's, and this run takes the config's values: {changed} "
+                 "(--set KEY=VALUE gives a key the checkpoint's value back)")
     if applied:
         log.info(f"optimizer settings of the config applied over the checkpoint's: {', '.join(applied)}")
     return step
@@ -70,15 +78,11 @@ def apply_optimizer_settings(optimizer) -> list[str]:
     return applied
 
 
-def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_changes(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(prefix + k)
-    return out
+def config_changes(old: dict, new: dict, shown: int = 4) -> str:
+    """"key old -> new" for the first `shown` keys whose values differ, and how many more do ("" if none)."""
+    keys = config_differences(old, new)
+    said = ", ".join(f"{k} {config_value(old, k)!r} -> {config_value(new, k)!r}" for k in keys[:shown])
+    return said + (f" (and {len(keys) - shown} more)" if len(keys) > shown else "")
 
 
 def save_run_state(env, run_dir, cfg, flow, ema, optimizer, step) -> None:
