@@ -31,6 +31,7 @@ COMMANDS = [
     (("eval", "points"), "Energy distance"),
     (("eval", "fmnist"), "Fashion-MNIST classifier"),
     (("convert-reference",), "soflow run folder"),
+    (("env",), "bug report"),
 ]
 
 
@@ -137,7 +138,7 @@ def test_help_of_every_command_describes_it_with_examples():
         assert phrase in text, (words, proc.stdout)
         assert "examples:" in proc.stdout and f"soflow {' '.join(words)}".strip() in proc.stdout.split("examples:")[1]
     by_name = {words: proc.stdout for (words, _), proc in zip(COMMANDS, procs)}
-    for name in ("train", "sample", "encode-latents", "fid", "eval", "convert-reference"):
+    for name in ("train", "sample", "encode-latents", "fid", "eval", "convert-reference", "env"):
         assert name in by_name[()]  # the top-level help lists every command
     train_help = " ".join(by_name[("train",)].split())
     assert all(p in train_help for p in preset_names()) and "toy2d" in preset_names()
@@ -151,7 +152,8 @@ def test_module_docstring_lists_every_command():
     from soflow import cli
 
     subcommands = cli.build_parser()._subparsers._group_actions[0].choices
-    assert set(subcommands) == {"train", "sample", "export", "encode-latents", "fid", "eval", "convert-reference"}
+    assert set(subcommands) == {"train", "sample", "export", "encode-latents", "fid", "eval", "convert-reference",
+                                "env"}
     for name in subcommands:
         assert f"`{name}" in cli.__doc__, name
 

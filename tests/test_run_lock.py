@@ -81,3 +81,15 @@ def test_sample_needs_no_lock(tmp_path):
     soflow("train", "--config", "toy2d", "--run-dir", run, *TINY, "--set", "train.total_steps=5", check=True)
     with RunLock(run):
         soflow("sample", "--checkpoint", run, "--num", "16", "--out", tmp_path / "x.npy", check=True)
+
+
+def test_lock_written_on_another_host_is_taken_with_a_warning_that_says_what_it_means(tmp_path):
+    """A shared folder whose file system keeps flock per host (Lustre localflock, BeeGFS without
+    global locks) cannot show a live holder on another host: the record names it, and the warning
+    says what to do (the real cross-host case needs two machines)."""
+    (tmp_path / ".lock").write_text(json.dumps({"host": "other-node-07", "pid": 4242, "started": "2025-01-01 00:00:00"}))
+    warnings = []
+    lock = RunLock(tmp_path, warn=warnings.append).acquire()
+    lock.release()
+    assert len(warnings) == 1 and "last written on another host (pid 4242 on other-node-07" in warnings[0]
+    assert "does not share locks between hosts" in warnings[0]

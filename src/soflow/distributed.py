@@ -1,9 +1,21 @@
-"""Process-group set-up from torchrun's environment, and small collective helpers."""
+"""Process-group set-up from torchrun's environment, and small collective helpers.
+
+Restarts under torchrun (`--max-restarts`): the agent keeps one key-value store for the whole job
+and every round of workers meets in it. The keys the process group writes (each rank's address)
+are the same in every round, so a restarted worker could read an address of the round that died
+and fail to connect ("Gloo connectFullMesh failed ... Connection refused", or a hang). The
+restart count is no namespace either: each node's agent counts its own restarts, and an agent
+that restarts because another node failed does not count it. So each round agrees on a fresh
+namespace first (`round_token`) and the process group keeps its keys under it.
+"""
 
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -45,8 +57,65 @@ def setup(device_pref: str = "auto") -> Env:
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
+                                **_round_store(rank, world))
     return Env(rank, world, device)
+
+
+ROUND_TIMEOUT = timedelta(minutes=10)
+
+
+def _round_store(rank: int, world: int) -> dict:
+    """init_process_group's store arguments: under torchrun's shared agent store, a client of it
+    with this round's own key prefix; otherwise none (the env:// rendezvous: a fresh store)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=ROUND_TIMEOUT)
+    token = round_token(store, rank, world)
+    return {"store": dist.PrefixStore(f"soflow/round-{token}/", store), "rank": rank, "world_size": world}
+
+
+def round_token(store, rank: int, world: int, timeout: float = ROUND_TIMEOUT.total_seconds()) -> str:
+    """A token that every rank of this round gets and no earlier round used, through a store
+    that may hold any round's keys.  Rank 0 draws it; rank r sends a fresh nonce and takes the
+    token only from a reply that quotes that nonce; rank 0 goes on once each rank acknowledges
+    the token itself.  A value left by a dead round can never match either fresh value."""
+    if rank != 0:
+        nonce = uuid.uuid4().hex
+        store.set(f"soflow/hello/{rank}", nonce)
+        reply = _poll(lambda: _get(store, f"soflow/reply/{rank}"), lambda v: v.startswith(nonce + "/"), timeout)
+        token = reply.split("/", 1)[1]
+        store.set(f"soflow/ack/{rank}", token)
+        return token
+    token, waiting = uuid.uuid4().hex, set(range(1, world))
+
+    def answer():
+        for r in sorted(waiting):
+            hello = _get(store, f"soflow/hello/{r}")
+            if hello is not None:
+                store.set(f"soflow/reply/{r}", f"{hello}/{token}")
+            if _get(store, f"soflow/ack/{r}") == token:
+                waiting.discard(r)
+        return not waiting
+
+    _poll(answer, bool, timeout)
+    return token
+
+
+def _get(store, key: str) -> str | None:
+    return store.get(key).decode() if store.check([key]) else None
+
+
+def _poll(read, done, timeout: float):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = read()
+        if value is not None and done(value):
+            return value
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"torchrun round: no answer from the other ranks within {timeout:.0f} s")
+        time.sleep(0.02)
 
 
 def teardown(env: Env) -> None:

@@ -8,7 +8,8 @@ Commands (`soflow COMMAND --help` has the options and examples of each):
 - `encode-latents`: encode an image folder into SD-VAE latent shards;
 - `fid ref` / `fid calc`: Inception statistics of reference images / FID (sFID, IS, precision/recall);
 - `eval points` / `eval fmnist`: score a 2-D run / a Fashion-MNIST run;
-- `convert-reference`: turn an authors' checkpoint and YAML into a soflow run folder.
+- `convert-reference`: turn an authors' checkpoint and YAML into a soflow run folder;
+- `env`: versions, devices, threads and optional packages, for a bug report.
 
 `soflow --version` prints the version.  Bad input ends a command with one line on stderr and exit
 status 2 (SOFLOW_DEBUG=1 shows the traceback).

@@ -8,6 +8,7 @@ import textwrap
 from .. import __version__
 from ..run.presets import preset_names
 from ..sampling import MODES
+from .env import cmd_env
 from .commands import cmd_convert_reference, cmd_encode_latents, cmd_eval, cmd_export, cmd_fid, cmd_train
 from .sample import cmd_sample
 
@@ -57,7 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     _fid_parser(sub)
     _eval_parser(sub)
     _convert_reference_parser(sub)
+    _env_parser(sub)
     return p
+
+
+def _env_parser(sub) -> None:
+    e = command(sub, "env", "print versions, devices and settings for a bug report", (
+        "Print what a bug report needs: soflow, Python, torch, CUDA, cuDNN and NCCL versions, the CPU cores\n"
+        "and memory, each GPU with its memory, the thread settings, the distributed back-ends, the optional\n"
+        "packages present and the environment variables that change a run.  Nothing is computed on a device."),
+        ["soflow env", "soflow env --json > env.json"])
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of text lines")
+    e.set_defaults(func=cmd_env)
 
 
 def _train_parser(sub) -> None:

@@ -57,6 +57,9 @@ def validate(cfg: Config, guidance: bool = True) -> Config:
         raise ConfigError(f"train.sample_nfe: expected a list of positive integers, got {t.sample_nfe!r}")
     if t.init_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", t.init_sha256):
         raise ConfigError(f"train.init_sha256: expected 64 lowercase hex digits, got {t.init_sha256!r}")
+    if cfg.method == "meanflow" and str(t.precision).lower() == "fp16":
+        raise ConfigError("train.precision: fp16 overflows MeanFlow's forward-mode derivative (NaN tangents through "
+                          "the U-Net); use bf16 or fp32")
     if t.threads < 0:
         raise ConfigError(f"train.threads: must be 0 (choose by network size) or a positive count, got {t.threads}")
     _validate_fid(cfg)

@@ -4,10 +4,19 @@ The kernel drops an `flock` when its holder exits, however it exits (kill -9 inc
 left behind by a dead trainer never blocks the next one. The file also records who holds it
 (host, pid, start time), so a refused second trainer can name the holder, and a trainer that takes
 over a lock whose recorded holder is gone says so.
+
+On a folder shared by several hosts the lock is as good as the file system's `flock`: NFSv4 (and
+NFSv3 with lockd), GPFS and Lustre mounted with `-o flock` share it between hosts, so a trainer
+on another host is refused like one on this host. Lustre's `localflock` and BeeGFS without global
+file locks keep it per host; there, a takeover of a record written on another host is reported as
+possibly a live trainer, since from here it cannot be told apart from a dead one. A file system
+without `flock` at all (Lustre `noflock`) runs the trainer unlocked, with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -43,11 +52,22 @@ class RunLock:
                 holder = _describe(_read(fd))
                 os.close(fd)
                 raise ConfigError(self.busy(holder)) from None
+            except OSError as e:
+                if e.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):
+                    os.close(fd)
+                    raise
+                self.warn(f"warning: {self.path}: this file system does not lock files ({e.strerror}); "
+                          f"a second {self.holder} on {self.path.parent} will not be refused")
+                break
             if _same_file(fd, self.path):
                 break
             os.close(fd)  # removed by its last holder after we opened it: open the new one
         previous = _read(fd)
-        if previous:  # written by a process that exited without releasing (killed): its lock went with it
+        if previous.get("host", socket.gethostname()) != socket.gethostname():
+            self.warn(f"warning: the lock of {self.path.parent} was last written on another host "
+                      f"({_describe(previous)}); if that {self.holder} still runs, this file system does not share "
+                      "locks between hosts: stop one")
+        elif previous:  # written by a process that exited without releasing (killed): its lock went with it
             self.warn(f"warning: taking over the lock of a {self.holder} that is gone ({_describe(previous)})")
         record = {"host": socket.gethostname(), "pid": os.getpid(),
                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -76,7 +96,8 @@ class RunLock:
         if self._fd is None:
             return
         os.ftruncate(self._fd, 0)  # an empty file means nobody holds the folder
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        with contextlib.suppress(OSError):  # unlocked on a file system without flock
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
 
