@@ -43,8 +43,9 @@ RECIPES = {
                  "meanflow.kappa=0.5", "meanflow.t_max=0.8", "meanflow.cfg_drop_rate=0.1"],
     "flow_matching": ["method=flow_matching", "flow_matching.cfg_drop_rate=0.1"],
 }
-# (NFE, sampling-time guidance) scored along the curve; flow matching's final table adds a sweep
-CURVE = {"soflow": [(1, 1.0), (2, 1.0)], "meanflow": [(1, 1.0), (2, 1.0)], "flow_matching": [(8, 3.0), (32, 3.0)]}
+# (NFE, guidance scale; None: the model's own, built in by training) scored along the curve; flow
+# matching's final table adds a sweep
+CURVE = {"soflow": [(1, None), (2, None)], "meanflow": [(1, None), (2, None)], "flow_matching": [(8, 3.0), (32, 3.0)]}
 FM_FINAL_STEPS = (1, 2, 8, 32)
 
 

@@ -73,7 +73,7 @@ def cmd_eval(args) -> int:
     for flag, value in (("--nfe", args.nfe), count):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
-    if args.eval_command == "fmnist" and not math.isfinite(args.guidance):
+    if args.eval_command == "fmnist" and args.guidance is not None and not math.isfinite(args.guidance):
         raise ConfigError(f"--guidance must be a finite number, got {args.guidance}")
     problem = unwritable(Path(args.json).parent) if args.json else None
     if problem:

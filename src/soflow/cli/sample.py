@@ -48,7 +48,7 @@ def check_arguments(args) -> None:
     for flag, value in (("--num", args.num), ("--nfe", args.nfe), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
-    if not math.isfinite(args.guidance):
+    if args.guidance is not None and not math.isfinite(args.guidance):
         raise ConfigError(f"--guidance must be a finite number, got {args.guidance}")
     problem = unwritable(Path(args.out).parent)
     if problem:
@@ -75,8 +75,6 @@ def _open(args, env):
     import torch
 
     from ..pipeline import Pipeline
-    from ..run.build import guided_training
-    from ..sampling import guidance_problem
 
     pipe = Pipeline.from_pretrained(args.checkpoint, weights=args.weights, device=env.device, vae=args.vae,
                                     warn=lambda m: print(m, file=sys.stderr) if env.is_main else None)
@@ -84,7 +82,7 @@ def _open(args, env):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(pipe.config.train.tf32)
     if args.class_id is not None and not pipe.flow.num_classes:
         raise ConfigError(f"--class {args.class_id}: the model is unconditional; leave --class out")
-    problem = guidance_problem(pipe.flow, args.guidance, trained_with_dropout=guided_training(pipe.config))
+    problem = pipe.guidance_problem(args.guidance)
     if problem:
         raise ConfigError(f"--guidance {args.guidance}: {problem}")
     pipe.method.mode(args.mode)  # one line if the method has no such sampler
