@@ -56,10 +56,13 @@ def real_data_row(per_class: int = 100) -> dict:
     return fmnist_scores(to_float(train_set.images[index]), train_set.labels[index])
 
 
-def train_run(method: str, seed: int, args) -> tuple[Path, float]:
-    cfg = load("fmnist", [*RECIPES[method], f"train.total_steps={args.steps}", f"train.seed={seed}",
-                          f"train.checkpoint_every={args.eval_every}", f"train.keep_every={args.eval_every}",
-                          "train.sample_every=0", *args.set])
+def train_run(method: str, seed: int, args, preset: str = "fmnist", recipe: list | None = None) -> tuple[Path, float]:
+    """Train (or resume) run `method`-seed`seed` under args.runs: `preset` with `recipe` (default
+    RECIPES[method]), args.steps steps, a checkpoint kept every args.eval_every; (folder, seconds)."""
+    recipe = RECIPES[method] if recipe is None else recipe
+    cfg = load(preset, [*recipe, f"train.total_steps={args.steps}", f"train.seed={seed}",
+                        f"train.checkpoint_every={args.eval_every}", f"train.keep_every={args.eval_every}",
+                        "train.sample_every=0", *args.set])
     run = Path(args.runs) / f"{method}-seed{seed}"
     start = time.perf_counter()
     if train(cfg, run)["stopped"]:
