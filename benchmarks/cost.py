@@ -2,7 +2,8 @@
 
 For each method: median step time (methods interleaved, after warm-up), bytes the autograd graph
 saves for backward (saved-tensor hooks), and peak memory (CUDA); plus 1-NFE sampling throughput
-against a bare network forward.  Results go to JSON (--out) with a `ratios` object.  MeanFlow is
+against a bare network forward.  SoFlow with training-time guidance is timed at one fixed scale and
+with the scale as a network input (GUIDED_METHODS).  Results go to JSON (--out) with a `ratios` object.  MeanFlow is
 timed both eager and with its network compiled (`--compile-meanflow auto`), and the faster counts.
 
     python benchmarks/cost.py --out benchmarks/results/cost-cpu.json          # DiT-S/2, 16x16x4, batch 16
@@ -34,6 +35,14 @@ METHODS = {
     "soflow": lambda: SoFlowLoss(velocity_loss_ratio=0.0, total_steps=1000),
     "soflow_ratio075": lambda: SoFlowLoss(velocity_loss_ratio=0.75, total_steps=1000),
     "meanflow": lambda: MeanFlowLoss(),
+}
+# Training-time guidance at the fmnist preset's settings: one fixed scale, and the scale as a network
+# input drawn per row (its own network, with the w embedder); the target is a ratio <= 1.1.
+GUIDED = dict(velocity_loss_ratio=0.75, cfg_scale=2.0, mix_ratio=0.5, cfg_drop_rate=0.1, cfg_decay_time=0.8,
+              total_steps=1000)
+GUIDED_METHODS = {
+    "soflow_guided": lambda: SoFlowLoss(**GUIDED),
+    "soflow_any_guidance": lambda: SoFlowLoss(**GUIDED, guidance_range=(1.0, 4.0)),
 }
 
 
@@ -102,6 +111,11 @@ def main():
     opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
 
     variants = {name: make_step(flow, ctor(), net, x0, labels, opt, dtype) for name, ctor in METHODS.items()}
+    variants["soflow_guided"] = make_step(flow, GUIDED_METHODS["soflow_guided"](), net, x0, labels, opt, dtype)
+    net_w = build(args.net, input_size=args.input_size, num_classes=1000, guidance_input=True).to(device)
+    opt_w = torch.optim.AdamW(net_w.parameters(), lr=1e-5)
+    variants["soflow_any_guidance"] = make_step(SolutionFlow(net_w), GUIDED_METHODS["soflow_any_guidance"](), net_w,
+                                                x0, labels, opt_w, dtype)
     if args.compile_meanflow == "auto":
         compiled = torch.compile(net)
         variants["meanflow_compiled"] = make_step(flow, MeanFlowLoss(), compiled, x0, labels, opt, dtype)
@@ -173,6 +187,8 @@ def main():
         "meanflow_over_soflow_time": m["meanflow"]["median_step_s"] / m["soflow"]["median_step_s"],
         "meanflow_over_soflow_saved_bytes": m["meanflow"]["saved_bytes"] / m["soflow"]["saved_bytes"],
         "soflow_over_fm_saved_bytes": m["soflow"]["saved_bytes"] / m["flow_matching"]["saved_bytes"],
+        "any_guidance_over_fixed_guidance_time": m["soflow_any_guidance"]["median_step_s"]
+        / m["soflow_guided"]["median_step_s"],
         "one_nfe_over_bare_forward_throughput": result["sampling"]["one_nfe_images_per_s"]
         / result["sampling"]["bare_forward_images_per_s"],
     }

@@ -171,7 +171,7 @@ def sampling_entries(setup: dict, device, budget: Budget, vae) -> list[dict]:
                 entry["images_per_s_with_vae_decode"] = n / timed(with_decode, device, 1, setup["sample_repeats"])
             entries.append(entry)
             print(json.dumps(entry), flush=True)
-        del flow
+        flow = None  # the network goes before the next size is built
         reset_peak(device)
     return entries
 

@@ -43,8 +43,9 @@ RECIPES = {
                  "meanflow.kappa=0.5", "meanflow.t_max=0.8", "meanflow.cfg_drop_rate=0.1"],
     "flow_matching": ["method=flow_matching", "flow_matching.cfg_drop_rate=0.1"],
 }
-# (NFE, sampling-time guidance) scored along the curve; flow matching's final table adds a sweep
-CURVE = {"soflow": [(1, 1.0), (2, 1.0)], "meanflow": [(1, 1.0), (2, 1.0)], "flow_matching": [(8, 3.0), (32, 3.0)]}
+# (NFE, guidance scale; None: the model's own, built in by training) scored along the curve; flow
+# matching's final table adds a sweep
+CURVE = {"soflow": [(1, None), (2, None)], "meanflow": [(1, None), (2, None)], "flow_matching": [(8, 3.0), (32, 3.0)]}
 FM_FINAL_STEPS = (1, 2, 8, 32)
 
 
@@ -55,10 +56,13 @@ def real_data_row(per_class: int = 100) -> dict:
     return fmnist_scores(to_float(train_set.images[index]), train_set.labels[index])
 
 
-def train_run(method: str, seed: int, args) -> tuple[Path, float]:
-    cfg = load("fmnist", [*RECIPES[method], f"train.total_steps={args.steps}", f"train.seed={seed}",
-                          f"train.checkpoint_every={args.eval_every}", f"train.keep_every={args.eval_every}",
-                          "train.sample_every=0", *args.set])
+def train_run(method: str, seed: int, args, preset: str = "fmnist", recipe: list | None = None) -> tuple[Path, float]:
+    """Train (or resume) run `method`-seed`seed` under args.runs: `preset` with `recipe` (default
+    RECIPES[method]), args.steps steps, a checkpoint kept every args.eval_every; (folder, seconds)."""
+    recipe = RECIPES[method] if recipe is None else recipe
+    cfg = load(preset, [*recipe, f"train.total_steps={args.steps}", f"train.seed={seed}",
+                        f"train.checkpoint_every={args.eval_every}", f"train.keep_every={args.eval_every}",
+                        "train.sample_every=0", *args.set])
     run = Path(args.runs) / f"{method}-seed{seed}"
     start = time.perf_counter()
     if train(cfg, run)["stopped"]:

@@ -5,7 +5,6 @@ Run as `python fuzz_readers.py WORKDIR CASES SEED` (tests/test_fuzz.py does); on
 are written, the process caps its address space at 2 GB more than it maps.  Each case must end in success or one soflow error of one line, within
 HANG_S seconds.  Prints one line per failure and, last, "cases N failures M"."""
 
-import json
 import random
 import shutil
 import signal

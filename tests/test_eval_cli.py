@@ -79,9 +79,13 @@ def test_eval_fmnist_cli(tmp_path):
     proc = soflow("eval", "fmnist", "--checkpoint", run, "--nfe", "1", "--per-class", "3", check=True)
     result = json.loads(proc.stdout)
     assert result["num"] == 30 and 0 <= result["class_accuracy"] <= 1 and result["classifier_fd"] > 0
-    guided = json.loads(soflow("eval", "fmnist", "--checkpoint", run, "--nfe", "1", "--per-class", "3",
-                               "--guidance", "3", check=True).stdout)
-    assert guided["guidance"] == 3.0 and guided["classifier_fd"] != result["classifier_fd"]
+    # The fmnist preset has guidance 2 built in: it is the default, and another scale is one line.
+    assert result["guidance"] == 2.0
+    own = json.loads(soflow("eval", "fmnist", "--checkpoint", run, "--nfe", "1", "--per-class", "3",
+                            "--guidance", "2", check=True).stdout)
+    assert own == result
+    proc = soflow("eval", "fmnist", "--checkpoint", run, "--nfe", "1", "--per-class", "3", "--guidance", "3")
+    assert_one_line_error(proc, "guidance 3.0", "built in by training")
 
 
 def test_sampling_over_two_ranks_equals_one_process(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import randomize, reference_dir
-from soflow.nets import DiT, ResidualMLP, SongUNet, build
+from soflow.nets import build
 from soflow.reference import CheckpointError, load_into, load_reference_network, strip_prefix
 
 PAPER_PARAMETERS = {"dit-b4": 131_214_400, "dit-b2": 131_288_080, "dit-m2": 308_281_360,

@@ -9,13 +9,11 @@ import resource
 import time
 
 import pytest
-import torch
 
 from helpers import assert_one_line_error, soflow
 from soflow import Pipeline, SolutionFlow
 from soflow.errors import CheckpointError, ConfigError, DataError
 from soflow.nets import build
-from soflow.run.checkpoint import export_safetensors
 from soflow.run.config import load
 
 

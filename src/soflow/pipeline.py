@@ -89,7 +89,7 @@ class Pipeline:
         net, classes = self.flow.net, self.flow.num_classes
         export_safetensors(folder / WEIGHTS_FILE, net.state_dict(), self.config.to_dict(), self.step or 0,
                            net.sample_shape, classes)
-        info = pipeline_info(self.config, self.flow, self.step, self.vae_path)
+        info = pipeline_info(self.config, self.flow, self.step, self.vae_path, self.guidance_scales.describe())
         (folder / CONFIG_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         grid_file = self._write_grid(folder / GRID_FILE) if grid else None
         (folder / CARD_FILE).write_text(model_card(self.config, info, grid_file), encoding="utf-8")
@@ -120,9 +120,40 @@ class Pipeline:
     def is_latent(self) -> bool:
         return self.config.data.name == "imagenet-latents"
 
-    def __call__(self, num: int = 1, nfe: int = 1, *, labels=None, seed: int = 0, guidance: float = 1.0,
+    @property
+    def guidance_scales(self):
+        """The guidance scales this model honours (soflow.guidance.GuidanceScales)."""
+        from .run.build import guidance_scales
+
+        return guidance_scales(self.config)
+
+    def guidance_problem(self, guidance: float | None) -> str | None:
+        """Why this model cannot be sampled at classifier-free guidance scale `guidance` (None: it can)."""
+        from .run.build import guided_training
+        from .sampling import guidance_problem
+
+        scales = self.guidance_scales
+        problem = scales.problem(guidance)
+        if problem is None and scales.kind == "sampling" and guidance is not None:
+            problem = guidance_problem(self.flow, guidance, trained_with_dropout=guided_training(self.config))
+        return problem
+
+    def sampler_guidance(self, guidance: float | None) -> float:
+        """The scale for soflow.sampling that gives the velocity field of CFG scale `guidance`
+        (None: the model's own); one ConfigError line if the model cannot."""
+        problem = self.guidance_problem(guidance)
+        if problem:
+            raise ConfigError(f"guidance {guidance}: {problem}")
+        return self.guidance_scales.sampler_scale(guidance)
+
+    def __call__(self, num: int = 1, nfe: int = 1, *, labels=None, seed: int = 0, guidance: float | None = None,
                  mode: str | None = None, output: str = "pil", batch_size: int = 256):
-        """`num` samples with `nfe` evaluations each (x2 with guidance != 1).
+        """`num` samples with `nfe` evaluations each.
+
+        guidance: the classifier-free guidance scale of the velocity field sampled (None: the
+        model's own; soflow.guidance).  A model trained with guidance_range takes it as an input, a
+        fixed-scale SoFlow/MeanFlow model honours its training scale only, and flow matching (or any
+        model without built-in guidance) applies it with two forwards per evaluation.
 
         labels: None (random classes), a class id or one id per sample.  output: "pil" (a list of
         PIL images; image models only) or "tensor" (images in [-1, 1], [num, C, H, W], or points).
@@ -144,10 +175,12 @@ class Pipeline:
         return torch.cat(list(self.chunks(first, first + num, nfe, decode=decode, **kw)))
 
     def chunks(self, first: int, last: int, nfe: int, *, decode: bool = True, batch_size: int = 256,
-               **kw) -> Iterator[Tensor]:
+               guidance: float | None = None, **kw) -> Iterator[Tensor]:
         """Samples [first, last) one batch at a time, decoded unless decode=False: memory stays at
         one batch whatever the number of samples (`soflow sample` streams these to disk)."""
-        for x in self.method.sample_chunks(self.flow, first, last, nfe, batch_size=batch_size, **kw):
+        scale = self.sampler_guidance(guidance)
+        for x in self.method.sample_chunks(self.flow, first, last, nfe, batch_size=batch_size, guidance=scale,
+                                           **kw):
             yield self.decode(x) if decode else x
 
     @property
@@ -175,11 +208,12 @@ class Pipeline:
 NETWORK_KEYS = ("method", "network", "network_args", "path", "parameterization", "sample_shape", "num_classes", "data")
 
 
-def pipeline_info(cfg, flow: SolutionFlow, step: int | None, vae: str | None = None) -> dict:
-    """The config.json of a pipeline of `flow` trained with `cfg`."""
+def pipeline_info(cfg, flow: SolutionFlow, step: int | None, vae: str | None = None,
+                  guidance: dict | None = None) -> dict:
+    """The config.json of a pipeline of `flow` trained with `cfg` (`guidance`: the scales it honours)."""
     from .run.model_card import pipeline_config
 
-    return pipeline_config(cfg, flow.net.sample_shape, flow.num_classes, step, vae)
+    return pipeline_config(cfg, flow.net.sample_shape, flow.num_classes, step, vae, guidance)
 
 
 def check_pipeline_config(folder: Path, info: dict) -> None:

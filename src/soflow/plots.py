@@ -24,7 +24,7 @@ def _pyplot():
 
 
 def sample_title(method: str, nfe: int, mode: str | None = None, step: int | None = None,
-                 guidance: float = 1.0, weights: str | None = None, label: int | None = None) -> str:
+                 guidance: float | None = None, weights: str | None = None, label: int | None = None) -> str:
     """How samples were drawn, e.g. "1 NFE, renoise, class 3, step 4000, EMA weights".
 
     `mode` None stands for the method's default sampler (soflow.methods).  For the ODE modes `nfe`
@@ -40,7 +40,7 @@ def sample_title(method: str, nfe: int, mode: str | None = None, step: int | Non
         parts = [f"{nfe} NFE", mode]
     if label is not None:
         parts.append(f"class {label}")
-    if guidance != 1.0:
+    if guidance is not None and guidance != 1.0:
         parts.append(f"guidance {guidance:g}")
     if step is not None:
         parts.append(f"step {step}")

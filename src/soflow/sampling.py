@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
+from .guidance import cfg_problem
+from .nets.dit import GUIDANCE_EMBEDDER
 from .paths import expand_as_rows
 from .seeding import generator
 from .solution import SolutionFlow
@@ -43,9 +45,17 @@ def draw_inputs(shape: tuple, draws: int, num_classes: int, seed: int, indices) 
     return torch.stack(noise), (torch.stack(labels) if num_classes else None)
 
 
+def takes_guidance(net: torch.nn.Module) -> bool:
+    """Whether the network takes the guidance scale w as an input (trained with guidance_range)."""
+    return getattr(net, GUIDANCE_EMBEDDER, None) is not None
+
+
 def _network(model: SolutionFlow, x: Tensor, t: Tensor, s: Tensor, labels, guidance: float) -> Tensor:
-    """F(x, t, s), or with guidance F_uncond + w (F_cond - F_uncond) from one batched forward.
-    f and v are affine in F, so this guides the solution and the velocity alike."""
+    """F(x, t, s): with w as the network's input (one forward), or for other networks with guidance
+    F_uncond + w (F_cond - F_uncond) from one forward on a doubled batch.  f and v are affine in F,
+    so this guides the solution and the velocity alike."""
+    if takes_guidance(model.net):
+        return model.net(x, t, s, labels, guidance=torch.full_like(t, guidance)).to(x.dtype)
     if guidance == 1.0 or labels is None:
         return model.net(x, t, s, labels).to(x.dtype)
     null = torch.full_like(labels, model.num_classes)
@@ -69,16 +79,11 @@ def has_null_class(net: torch.nn.Module) -> bool:
 def guidance_problem(model: SolutionFlow, guidance: float, trained_with_dropout: bool | None = None) -> str | None:
     """Why `model` cannot be sampled with this guidance scale, or None.  `trained_with_dropout`, when
     the run's config is known, also catches a null class that exists but was never trained (U-Net)."""
-    if guidance == 1.0:
-        return None
     if not math.isfinite(guidance):
         return "the scale must be a finite number"
-    if not model.num_classes:
-        return "the model is unconditional, so there is no class to guide towards; use 1 (no guidance)"
-    if trained_with_dropout is False or not has_null_class(model.net):
-        return ("the model was trained without label dropout (cfg_drop_rate 0), so it has no unconditional "
-                "(null) class and cannot be guided; use 1 (no guidance)")
-    return None
+    if guidance == 1.0 or takes_guidance(model.net):  # the latter: w is an input, no null class needed
+        return None
+    return cfg_problem(bool(model.num_classes), trained_with_dropout is not False and has_null_class(model.net))
 
 
 def _check_guidance(model: SolutionFlow, guidance: float) -> None:
@@ -161,7 +166,8 @@ def _requested_labels(labels, n: int, num_classes: int) -> Tensor | None:
 
 def sample(model: SolutionFlow, n: int, nfe: int = 1, *, seed: int = 0, labels=None, mode: str = "renoise",
            guidance: float = 1.0, batch_size: int = 256, first_index: int = 0, device=None) -> Tensor:
-    """Draw n samples with `nfe` network evaluations (x2 with guidance != 1).
+    """Draw n samples with `nfe` network evaluations (x2 with guidance != 1, unless the network
+    takes the guidance scale as an input: then w goes into every forward, one per step).
 
     labels: None (random classes for a class-conditional model), an int, or a tensor [n].
     Sample i uses the generator seeded by (seed, first_index + i): a range of indices can be

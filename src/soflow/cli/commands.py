@@ -75,7 +75,7 @@ def cmd_eval(args) -> int:
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     check_seed(args.seed)
-    if args.eval_command == "fmnist" and not math.isfinite(args.guidance):
+    if args.eval_command == "fmnist" and args.guidance is not None and not math.isfinite(args.guidance):
         raise ConfigError(f"--guidance must be a finite number, got {args.guidance}")
     problem = unwritable(Path(args.json).parent) if args.json else None
     if problem:

@@ -111,6 +111,7 @@ def _sample_parser(sub) -> None:
         ["soflow sample --checkpoint runs/toy2d --num 2000 --nfe 1 --out toy.png",
          "soflow sample --checkpoint runs/toy2d --num 2000 --nfe 2 --mode chain --out toy2.npy",
          "soflow sample --checkpoint runs/fm --num 100 --nfe 1 --class 7 --guidance 2 --out sneakers.png",
+         "soflow sample --checkpoint runs/fmnist-any-guidance --guidance 3 --nfe 1 --num 100 --out w3.png",
          "torchrun --nproc-per-node=8 -m soflow sample --checkpoint runs/dit -n 50000 --out samples.npz"])
     _checkpoint_argument(s)
     s.add_argument("-n", "--num", type=int, default=64,
@@ -124,7 +125,10 @@ def _sample_parser(sub) -> None:
     s.add_argument("--seed", type=int, default=0, help="seed of the noise (and of random classes)")
     s.add_argument("--class", dest="class_id", type=int, metavar="C",
                    help="class id for a class-conditional model (default: a random class per sample)")
-    s.add_argument("--guidance", type=float, default=1.0, help="sampling-time guidance scale (1: none)")
+    s.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale of the velocity field sampled (default: the model's own): "
+                        "the input of a model trained with guidance_range, the training scale of a fixed-scale "
+                        "soflow/meanflow model (others refused), two forwards per step for flow matching")
     s.add_argument("--weights", choices=("ema", "online"), default="ema",
                    help="EMA weights or the online (trained) weights")
     s.add_argument("--batch-size", type=int, default=256,
@@ -245,7 +249,10 @@ def _eval_parser(sub) -> None:
         else:
             q.add_argument("--per-class", type=int, default=100, help="samples of each class")
             q.add_argument("--data-path", help="Fashion-MNIST folder (default: the run's data.path or the Debian one)")
-            q.add_argument("--guidance", type=float, default=1.0, help="sampling-time guidance scale (1: none)")
+            q.add_argument("--guidance", type=float, default=None,
+                           help="classifier-free guidance scale of the velocity field sampled (default: the model's own): "
+                                "the input of a model trained with guidance_range, the training scale of a fixed-scale "
+                                "soflow/meanflow model (others refused), two forwards per step for flow matching")
     v.set_defaults(func=cmd_eval)
 
 

@@ -59,7 +59,7 @@ def check_arguments(args) -> None:
     if args.nfe > MAX_NFE:
         raise ConfigError(f"--nfe {args.nfe}: at most {MAX_NFE} network evaluations per sample")
     check_seed(args.seed)
-    if not math.isfinite(args.guidance):
+    if args.guidance is not None and not math.isfinite(args.guidance):
         raise ConfigError(f"--guidance must be a finite number, got {args.guidance}")
     problem = too_long(args.out, extra=OUT_NAME_EXTRA) or unwritable(Path(args.out).parent)
     if problem:
@@ -93,8 +93,6 @@ def _open(args, env):
     import torch
 
     from ..pipeline import Pipeline
-    from ..run.build import guided_training
-    from ..sampling import guidance_problem
 
     pipe = Pipeline.from_pretrained(args.checkpoint, weights=args.weights, device=env.device, vae=args.vae,
                                     warn=lambda m: print(m, file=sys.stderr) if env.is_main else None)
@@ -104,7 +102,7 @@ def _open(args, env):
         raise ConfigError(f"--class {args.class_id}: the model is unconditional; leave --class out")
     if args.class_id is not None and not 0 <= args.class_id < pipe.flow.num_classes:
         raise ConfigError(f"--class {args.class_id}: the model's classes are 0 to {pipe.flow.num_classes - 1}")
-    problem = guidance_problem(pipe.flow, args.guidance, trained_with_dropout=guided_training(pipe.config))
+    problem = pipe.guidance_problem(args.guidance)
     if problem:
         raise ConfigError(f"--guidance {args.guidance}: {problem}")
     pipe.method.mode(args.mode)  # one line if the method has no such sampler

@@ -30,16 +30,16 @@ def eval_points(checkpoint, nfe: int, num: int = 2000, seed: int = 0, warn=print
 
 
 def eval_fmnist(checkpoint, nfe: int, per_class: int = 100, seed: int = 0, data_path=None, warn=print,
-                guidance: float = 1.0) -> dict:
-    """`fmnist_scores` of per_class samples of each class.  guidance != 1 samples with
-    classifier-free guidance (two network forwards per evaluation)."""
+                guidance: float | None = None) -> dict:
+    """`fmnist_scores` of per_class samples of each class at classifier-free guidance scale
+    `guidance` (None: the model's own; its meaning per kind of model: soflow.guidance)."""
     pipe = Pipeline.from_pretrained(checkpoint, warn=warn)
     cfg = pipe.config
     if cfg.data.name != "fmnist" or not pipe.flow.num_classes:
         raise EvalError(f"{checkpoint}: `eval fmnist` needs a class-conditional Fashion-MNIST run")
     labels = torch.arange(10).repeat_interleave(per_class)
     x = pipe.sample(len(labels), nfe, seed=seed, labels=labels, guidance=guidance)
-    return {"method": cfg.method, "nfe": nfe, "guidance": guidance, "step": pipe.step,
+    return {"method": cfg.method, "nfe": nfe, "guidance": pipe.guidance_scales.resolve(guidance), "step": pipe.step,
             **fmnist_scores(x, labels, data_path or cfg.data.path)}
 
 

@@ -1,7 +1,8 @@
 """FID while training: Fréchet Inception Distance of EMA samples every `train.fid_every` steps.
 
 An evaluation draws `train.fid_num` samples from the EMA network at each NFE of `train.fid_nfe`
-(guidance scale 1: SoFlow trains its guidance into the network), decodes latents with the run's
+and each classifier-free guidance scale of `train.fid_guidance` (empty: the model's own scale;
+what a scale means for each kind of model: soflow.guidance), decodes latents with the run's
 SD-VAE (`data.vae`), quantizes to uint8 as `soflow sample` does, and scores the InceptionV3 pool
 features (`train.fid_dims` = 2048, the standard FID; the earlier layers 768, 192 and 64 are cheap
 proxies, as with `soflow fid --dims`) against the reference statistics `train.fid_ref`.
@@ -51,8 +52,8 @@ from .fid import frechet_distance, load_stats
 from .inception import InceptionFeatures
 
 
-def metric_name(nfe: int) -> str:
-    return f"fid_nfe{nfe}"
+def metric_name(nfe: int, guidance: float | None = None) -> str:
+    return f"fid_nfe{nfe}" if guidance is None else f"fid_nfe{nfe}_w{guidance:g}"
 
 
 class TrainingFID:
@@ -64,7 +65,9 @@ class TrainingFID:
         t = cfg.train
         self.cfg, self.env, self.run_dir, self.log = cfg, env, Path(run_dir), log
         self.every, self.num, self.nfes, self.batch_size = t.fid_every, t.fid_num, list(t.fid_nfe), t.fid_batch_size
-        self.seed, self.metric, self.dims = t.seed, metric_name(t.fid_nfe[0]), t.fid_dims
+        self.scales = list(t.fid_guidance) or [None]  # None: the model's own scale
+        self.points = [(nfe, w) for nfe in self.nfes for w in self.scales]
+        self.seed, self.metric, self.dims = t.seed, metric_name(*self.points[0]), t.fid_dims
         self.ref_path = str(Path(t.fid_ref).expanduser().resolve())
         self.vae = None
         failure = None
@@ -132,26 +135,27 @@ class TrainingFID:
     # ------------------------------------------------------------------ the score
 
     def scores(self, flow: SolutionFlow) -> dict[str, float]:
-        """{fid_nfeK: FID} of `flow`'s samples, the same on every rank.  The matrix square roots
-        (seconds each at 2048 features) are shared out: rank j % world scores the j-th NFE."""
+        """{fid_nfeK[_wW]: FID} of `flow`'s samples, the same on every rank.  The matrix square roots
+        (seconds each at 2048 features) are shared out: rank j % world scores the j-th (NFE, scale)."""
         mine, failures = {}, []
-        for j, nfe in enumerate(self.nfes):
-            mu, sigma = self.statistics(flow, nfe)
+        for j, (nfe, w) in enumerate(self.points):
+            mu, sigma = self.statistics(flow, nfe, w)
+            name = metric_name(nfe, w)
             if j % self.env.world == self.env.rank:
                 try:
-                    mine[metric_name(nfe)] = frechet_distance(mu, sigma, *self.ref)
+                    mine[name] = frechet_distance(mu, sigma, *self.ref)
                 except ValueError as e:  # a failed score must not end hours of training
-                    failures.append(f"warning: {metric_name(nfe)} not computed ({e})")
-                    mine[metric_name(nfe)] = float("nan")
+                    failures.append(f"warning: {name} not computed ({e})")
+                    mine[name] = float("nan")
         out = {}
         for part, warnings in distributed.all_gather_objects(self.env, (mine, failures)):
             out.update(part)
             for line in warnings:
                 self.log.warn(line)
-        return {metric_name(nfe): out[metric_name(nfe)] for nfe in self.nfes}
+        return {metric_name(*p): out[metric_name(*p)] for p in self.points}
 
     @torch.no_grad()
-    def statistics(self, flow: SolutionFlow, nfe: int) -> tuple[np.ndarray, np.ndarray]:
+    def statistics(self, flow: SolutionFlow, nfe: int, guidance: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Mean and unbiased covariance of the Inception features of all fid_num samples (every rank),
         drawn and decoded as `soflow sample` does (through a Pipeline)."""
         pipe = Pipeline(flow, self.cfg, vae_model=self.vae)
@@ -164,10 +168,10 @@ class TrainingFID:
         rounds = rounds if parallel.is_sharded(pipe.flow.net) else len(blocks)
         for k in range(rounds):
             if k >= len(blocks):
-                self._sample(pipe, nfe, 0, 1, decode=False)
+                self._sample(pipe, nfe, 0, 1, guidance, decode=False)
                 continue
             lo, hi = blocks[k]
-            f = self._features(pipe, nfe, lo, hi) - self.shift
+            f = self._features(pipe, nfe, lo, hi, guidance) - self.shift
             count += hi - lo
             s1 += f.sum(0)
             s2.addmm_(f.T, f)
@@ -186,16 +190,16 @@ class TrainingFID:
         mine = range(self.env.rank * per_rank, min(num_blocks, (self.env.rank + 1) * per_rank))
         return [(b * size, min(self.num, (b + 1) * size)) for b in mine], per_rank
 
-    def _sample(self, pipe: Pipeline, nfe: int, lo: int, hi: int, decode: bool = True) -> torch.Tensor:
+    def _sample(self, pipe: Pipeline, nfe: int, lo: int, hi: int, guidance: float | None = None,
+                decode: bool = True) -> torch.Tensor:
         k = pipe.flow.num_classes
         labels = torch.arange(lo, hi) % k if k else None  # balanced classes (module docstring)
         return pipe.sample(hi - lo, nfe, first=lo, decode=decode, seed=self.seed, labels=labels,
-                           mode=self.cfg.train.sample_mode,
-                           batch_size=self.batch_size)
+                           mode=self.cfg.train.sample_mode, guidance=guidance, batch_size=self.batch_size)
 
-    def _features(self, pipe: Pipeline, nfe: int, lo: int, hi: int) -> torch.Tensor:
+    def _features(self, pipe: Pipeline, nfe: int, lo: int, hi: int, guidance: float | None = None) -> torch.Tensor:
         """Inception features [hi - lo, fid_dims] (float64, on the run's device) of samples lo .. hi - 1."""
-        x = self._sample(pipe, nfe, lo, hi)
+        x = self._sample(pipe, nfe, lo, hi, guidance)
         images = torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2)  # the rounding of `soflow sample`
         return self.extractor(images).to(self.env.device, torch.float64)
 

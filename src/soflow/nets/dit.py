@@ -2,9 +2,10 @@
 
 The DiT of Peebles & Xie with one addition: the conditioning vector is
 
-    c = Emb_t(t) + Emb_gap(t - s) + Emb_y(y),
+    c = Emb_t(t) + Emb_gap(t - s) + Emb_y(y)   [+ Emb_w(w) with guidance_input],
 
-two separate timestep embedders, times fed raw in [0, 1].  Module names match the reference
+two separate timestep embedders, times fed raw in [0, 1]; the guidance scale w, also raw, only in
+networks trained with guidance as an input (GuidanceEmbedder, zero output at the start).  Module names match the reference
 checkpoints (`t_embedder`, `s_embedder` for the gap, `y_embedder`, `blocks.i.attn.qkv`, ...), so
 their state dicts load without renaming.  Attention uses `scaled_dot_product_attention`, which
 dispatches to fused kernels where the device has them.  Fused kernels have no forward-mode AD:
@@ -58,6 +59,37 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+GUIDANCE_EMBEDDER = "w_embedder"  # module name of Emb_w in the networks that take the guidance scale
+
+
+class GuidanceEmbedder(TimestepEmbedder):
+    """Emb_w(w): sinusoidal features of the guidance scale w through a two-layer MLP whose last layer
+    starts at zero, so its output is exactly 0 until training moves it: the network first computes
+    what the same network without it does (a fixed-scale or flow-matching model loads unchanged),
+    and the first layer, random, gets gradient as soon as the last one moves."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256):
+        super().__init__(hidden, freq_dim)
+        self.zero_output()
+
+    def zero_output(self) -> None:
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+
+def add_guidance(net: nn.Module, c: Tensor, guidance: Tensor | None) -> Tensor:
+    """c + Emb_w(w) for a network with a guidance embedder; one line if w is missing or unwanted."""
+    embedder = getattr(net, GUIDANCE_EMBEDDER, None)
+    if embedder is None:
+        if guidance is not None:
+            raise ValueError("this network does not take a guidance scale as input (it was built without "
+                             "guidance_input); guide it at sampling time instead")
+        return c
+    if guidance is None:
+        raise ValueError("this network takes the guidance scale w as an input; pass guidance=w (one per row)")
+    return c + embedder(guidance).to(c.dtype)
 
 
 class LabelEmbedder(nn.Module):
@@ -146,7 +178,10 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """F(x, t, s, y) on [B, C, H, W] latents; `num_classes=0` makes it unconditional."""
+    """F(x, t, s, y[, w]) on [B, C, H, W] latents; `num_classes=0` makes it unconditional,
+    `guidance_input=True` adds Emb_w(w) to the conditioning vector c (GuidanceEmbedder)."""
+
+    takes_guidance = True
 
     @staticmethod
     def data_args(sample_shape: tuple, num_classes: int, null_class: bool, augment_dim: int) -> dict:
@@ -156,7 +191,7 @@ class DiT(nn.Module):
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
-                 num_classes: int = 1000, null_class: bool = True):
+                 num_classes: int = 1000, null_class: bool = True, guidance_input: bool = False):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
@@ -175,6 +210,7 @@ class DiT(nn.Module):
             self.pos_embed.data.copy_(torch.from_numpy(sincos_pos_embed_2d(hidden_size, grid)).unsqueeze(0))
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self.w_embedder = GuidanceEmbedder(hidden_size) if guidance_input else None
         self.initialize_weights()
 
     @property
@@ -207,6 +243,9 @@ class DiT(nn.Module):
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if self.w_embedder is not None:  # as the timestep embedder, but with a zero output layer
+            nn.init.normal_(self.w_embedder.mlp[0].weight, std=0.02)
+            self.w_embedder.zero_output()
 
     def unpatchify(self, x: Tensor) -> Tensor:
         p, c = self.patch_size, self.out_channels
@@ -215,7 +254,7 @@ class DiT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
     def forward(self, x: Tensor, t: Tensor, s: Tensor, labels: Tensor | None = None,
-                augment_labels: Tensor | None = None) -> Tensor:
+                augment_labels: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
         expected = (self.in_channels, self.input_size, self.input_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"x has shape {tuple(x.shape)}; this DiT expects [B, {', '.join(map(str, expected))}]")
@@ -224,6 +263,7 @@ class DiT(nn.Module):
             if labels is None:
                 labels = torch.full_like(t, self.null_label, dtype=torch.long)
             c = c + self.y_embedder(labels)
+        c = add_guidance(self, c, guidance)
         h = self.x_embedder(x) + self.pos_embed
         for block in self.blocks:
             h = block(h, c)

@@ -6,17 +6,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dit import timestep_embedding
+from .dit import GuidanceEmbedder, add_guidance, timestep_embedding
 
 
 class ResidualMLP(nn.Module):
+    """`guidance_input=True` adds Emb_w(w) to the conditioning (GuidanceEmbedder, zero at the start)."""
+
+    takes_guidance = True
+
     @staticmethod
     def data_args(sample_shape: tuple, num_classes: int, null_class: bool, augment_dim: int) -> dict:
         """Constructor arguments fixed by the data: [D] points, classes (+ null)."""
         return dict(dim=sample_shape[0], num_classes=num_classes, null_class=null_class)
 
     def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, time_dim: int = 64,
-                 num_classes: int = 0, null_class: bool = True, time_scale: float = 1000.0):
+                 num_classes: int = 0, null_class: bool = True, time_scale: float = 1000.0,
+                 guidance_input: bool = False):
         super().__init__()
         self.time_scale = time_scale  # spreads t in [0, 1] over the embedding's frequencies
         self.in_channels = self.dim = dim
@@ -32,6 +37,7 @@ class ResidualMLP(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, dim))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
+        self.w_embedder = GuidanceEmbedder(hidden, time_dim) if guidance_input else None
 
     @property
     def sample_shape(self) -> tuple:
@@ -42,7 +48,7 @@ class ResidualMLP(nn.Module):
         return self.num_classes
 
     def forward(self, x: Tensor, t: Tensor, s: Tensor, labels: Tensor | None = None,
-                augment_labels: Tensor | None = None) -> Tensor:
+                augment_labels: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x has shape {tuple(x.shape)}; this MLP expects [B, {self.dim}]")
         k = self.time_scale
@@ -52,6 +58,7 @@ class ResidualMLP(nn.Module):
             if labels is None:
                 labels = torch.full_like(t, self.null_label, dtype=torch.long)
             c = c + self.label(labels)
+        c = add_guidance(self, c, guidance)
         h = self.inp(x)
         for block, mod in zip(self.blocks, self.modulations):
             h = h + block(h + mod(F.silu(c)))

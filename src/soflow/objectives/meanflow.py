@@ -31,6 +31,7 @@ target and in the JVP tangent.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -168,6 +169,15 @@ class MeanFlowLoss:
     @property
     def guided(self) -> bool:
         return self.omega != 1.0 or self.kappa != 0.0
+
+    def built_in_guidance(self) -> tuple[float, str] | None:
+        """(effective CFG scale omega / (1 - kappa), settings) of a guided model (MeanFlow, appendix:
+        v_tilde = omega v + kappa u_c + (1 - omega - kappa) u_null has the fixed point
+        u_c = u_null + omega / (1 - kappa) (v_c - u_null)); None without training-time guidance."""
+        if not self.guided:
+            return None
+        scale = self.omega / (1 - self.kappa) if self.kappa != 1 else math.inf
+        return scale, f"omega={self.omega:g}, kappa={self.kappa:g}"
 
     def sample_times(self, n: int, device=None, generator=None) -> tuple[Tensor, Tensor]:
         """(t, r): the max and min of two logit-normal draws; rows from int(ratio_r_neq_t n) on get r = t."""

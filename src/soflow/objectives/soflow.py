@@ -31,6 +31,7 @@ class Rows:
     labels: Tensor | None = None  # already label-dropped (null id where cfg_mask)
     cfg_mask: Tensor | None = None  # True where the label was dropped
     augment_labels: Tensor | None = None
+    w: Tensor | None = None  # guidance scale of each row, when the network takes it as input
 
     def __len__(self) -> int:
         return self.x0.shape[0]
@@ -39,6 +40,26 @@ class Rows:
 def _cat(*parts):
     parts = [p for p in parts if p is not None]
     return torch.cat(parts) if parts else None
+
+
+def call_net(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, labels: Tensor | None,
+             augment_labels: Tensor | None, w: Tensor | None = None) -> Tensor:
+    """F(x, t, s | y, w): the guidance scale goes in only for a network that takes it."""
+    if w is None:
+        return net(x, t, s, labels, augment_labels)
+    return net(x, t, s, labels, augment_labels, guidance=w)
+
+
+GUIDANCE_DISTRIBUTIONS = ("uniform", "log-uniform")
+
+
+def draw_scales(n: int, low: float, high: float, distribution: str, device=None) -> Tensor:
+    """n guidance scales on [low, high]: w = low + (high - low) u ("uniform") or
+    w = low (high / low)^u ("log-uniform", as many draws in [1, 2] as in [2, 4]), u ~ U(0, 1)."""
+    u = torch.rand(n, device=device)
+    if distribution == "log-uniform":
+        return low * (high / low) ** u
+    return low + (high - low) * u
 
 
 def has_active_dropout(net: nn.Module) -> bool:
@@ -69,6 +90,10 @@ class SoFlowLoss:
     velocity_loss_ratio:  share of each batch given to the flow-matching loss (the first rows)
     time_mean, time_std:  logit-normal (mean, std) of [flow-matching t, consistency s, consistency t]
     cfg_scale (w), mix_ratio (m), cfg_drop_rate, cfg_decay_time (tau): training-time guidance
+    guidance_range [w_lo, w_hi] (off: null): the network takes w as an input and each row draws
+        its own w from guidance_distribution (uniform | log-uniform) on the range; cfg_scale is
+        then the scale sampled by default.  Label-dropped rows train at w = 1.
+    guidance_interval [t_lo, t_hi]: guidance only for t in it (the target is v elsewhere)
     schedule, r_init, r_end, total_steps: r(k, K) placing the middle time l = t + (s - t) r
     """
 
@@ -81,6 +106,9 @@ class SoFlowLoss:
     mix_ratio: float = 1.0
     cfg_drop_rate: float = 0.0
     cfg_decay_time: float = 1.0
+    guidance_range: tuple | None = None
+    guidance_distribution: str = "uniform"
+    guidance_interval: tuple = (0.0, 1.0)
     schedule: str = "exponent"
     r_init: float = 0.1
     r_end: float = 0.002
@@ -100,6 +128,26 @@ class SoFlowLoss:
         if not all(x > 0 for x in self.time_std):
             raise ValueError(f"time_std: the logit-normal spreads must be positive, got {list(self.time_std)}")
         self._check_middle_ratio()
+        self._check_guidance_input()
+
+    def _check_guidance_input(self) -> None:
+        """guidance_interval inside [0, 1]; a guidance_range [w_lo, w_hi] with 1 <= w_lo < w_hi that
+        holds cfg_scale, the scale sampled by default."""
+        lo, hi = checks.numbers("guidance_interval", self.guidance_interval, 2, "t_lo, t_hi")
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"guidance_interval: expected 0 <= t_lo <= t_hi <= 1, got {[lo, hi]}")
+        if self.guidance_distribution not in GUIDANCE_DISTRIBUTIONS:
+            raise ValueError(f"guidance_distribution: unknown distribution {self.guidance_distribution!r}; "
+                             f"choose one of {', '.join(GUIDANCE_DISTRIBUTIONS)}")
+        if self.guidance_range is None:
+            return
+        w_lo, w_hi = checks.numbers("guidance_range", self.guidance_range, 2, "w_lo, w_hi")
+        if not 1 <= w_lo < w_hi:
+            raise ValueError(f"guidance_range: expected 1 <= w_lo < w_hi, got {[w_lo, w_hi]} (one scale: set "
+                             "cfg_scale and leave guidance_range null)")
+        if not w_lo <= self.cfg_scale <= w_hi:
+            raise ValueError(f"cfg_scale: with guidance_range {[w_lo, w_hi]} it is the scale sampled by default "
+                             f"and must lie in the range, got {self.cfg_scale}")
 
     def _check_middle_ratio(self) -> None:
         """r(k, K) places the middle time l = t + (s - t) r between s (r = 1) and t (r = 0), so every
@@ -117,7 +165,21 @@ class SoFlowLoss:
 
     @property
     def guided(self) -> bool:
-        return self.cfg_scale != 1.0 or self.mix_ratio != 1.0
+        return self.cfg_scale != 1.0 or self.mix_ratio != 1.0 or self.guidance_range is not None
+
+    def default_guidance(self) -> float:
+        return self.cfg_scale
+
+    def built_in_guidance(self) -> tuple[float, str]:
+        return self.cfg_scale, "cfg_scale"
+
+    def row_scales(self, n: int, cfg_mask: Tensor | None, device) -> Tensor | None:
+        """Each row's guidance scale (None unless guidance_range is set); dropped labels get w = 1."""
+        if self.guidance_range is None:
+            return None
+        w = draw_scales(n, float(self.guidance_range[0]), float(self.guidance_range[1]),
+                        self.guidance_distribution, device)
+        return w if cfg_mask is None else torch.where(cfg_mask, torch.ones_like(w), w)
 
     def ratio(self, step: int) -> float:
         """r(k, K) at training step k."""
@@ -134,12 +196,14 @@ class SoFlowLoss:
             cfg_mask = torch.rand(b, device=dev) < self.cfg_drop_rate
             labels = torch.where(cfg_mask, torch.full_like(labels, flow.num_classes), labels)
         r = self.ratio(step)
+        w = self.row_scales(b, cfg_mask, dev)
         t_v = logit_normal(n_v, self.time_mean[0], self.time_std[0], device=dev)
         t_c, s_c, l_c = consistency_times(b - n_v, self.time_mean[1], self.time_std[1],
                                           self.time_mean[2], self.time_std[2], r, device=dev)
         rows = lambda sl, **kw: Rows(x0[sl], x1[sl], labels=None if labels is None else labels[sl],
                                      cfg_mask=None if cfg_mask is None else cfg_mask[sl],
-                                     augment_labels=None if augment_labels is None else augment_labels[sl], **kw)
+                                     augment_labels=None if augment_labels is None else augment_labels[sl],
+                                     w=None if w is None else w[sl], **kw)
         fm = rows(slice(0, n_v), t=t_v, s=t_v)
         cons = rows(slice(n_v, b), t=t_c, s=s_c, l=l_c)
         velocity_loss, consistency_loss, stats = self.losses(flow, fm, cons, net)
@@ -160,8 +224,9 @@ class SoFlowLoss:
         # Dropout masks of this forward are replayed by the consistency target (same RNG state).
         rng = _RngCheckpoint(fm.x0.device) if has_active_dropout(flow.net) else None
         args = (torch.cat(x_t), _cat(*(g.t for g in groups)), _cat(*(g.s for g in groups)),
-                _cat(*(g.labels for g in groups)), _cat(*(g.augment_labels for g in groups)))
-        out = net(*args).to(fm.x0.dtype)
+                _cat(*(g.labels for g in groups)), _cat(*(g.augment_labels for g in groups)),
+                _cat(*(g.w for g in groups)))
+        out = call_net(net, *args).to(fm.x0.dtype)
         v_pred = flow.velocity_from(x_t[0], fm.t, out[:n_v]) if n_v else None
 
         with torch.no_grad():
@@ -176,12 +241,27 @@ class SoFlowLoss:
         return velocity_loss, consistency_loss, stats
 
     def _guided_velocities(self, flow, net, fm: Rows, cons: Rows, x_t, v_t, v_pred) -> list[Tensor]:
-        """Target velocities with training-time guidance (no grad):
+        """Target velocities with training-time guidance (no grad), for a row (x_t, t, y, w):
 
-            v_g = v + g(t) (w - 1) (v - v_uncond),    v_mix = m v_g + (1 - m) v_cond,
+            v_g = v + g(t) (w - 1) (v - v_uncond),    v_mix = m v_g + (1 - m) v_cond,         (G)
 
-        v the conditional path velocity, v_uncond and v_cond model velocities with the null and the
-        true label; label-dropped rows keep v.  On flow-matching rows v_cond is the prediction itself.
+        v = x1 - x0 the path velocity, v_uncond = u(x_t, t | null, 1) and v_cond = u(x_t, t | y, w)
+        model velocities; label-dropped rows keep v.  w is cfg_scale, or the row's own scale when the
+        network takes it (guidance_range); g(t) is the decay, times 1[t_lo <= t <= t_hi].
+
+        Why these velocities.  The field to learn at scale w is the CFG field
+
+            v_w(x, t | y) = v(x, t | null) + w (v(x, t | y) - v(x, t | null))
+                          = v(x, t | y) + (w - 1) (v(x, t | y) - v(x, t | null)).
+
+        E[v | x_t, y] = v(x_t, t | y), and v enters (G) linearly, so E[v_g | x_t, y] = v_w (g = 1):
+        the conditional field needs no model query.  The unconditional one is not a sample of the
+        row's path, so the model gives it: its null-label velocity.  The null field is the same at
+        every scale (CFG of the null class towards itself), so it is queried at w = 1, the scale
+        the label-dropped rows train at (their target v is a sample of v(x, t | null)).  The mix
+        term must be the model's velocity at the row's own w: at the fixed point u_w = E[v_mix]
+        = m v_w + (1 - m) u_w, so u_w = v_w; at another scale it would blend two scales' fields.
+        On flow-matching rows v_cond is the prediction itself (same x_t, t, y, w).
         """
         groups = [g for g in (fm, cons) if len(g)]
         if groups[0].labels is None or not self.guided:
@@ -190,22 +270,34 @@ class SoFlowLoss:
             return v_t
         ys = [torch.full_like(g.labels, flow.num_classes) for g in groups]  # the null class on every row
         xs, ts, augs = list(x_t), [g.t for g in groups], [g.augment_labels for g in groups]
+        ws = [None if g.w is None else torch.ones_like(g.w) for g in groups]  # the null field, at w = 1
         cond_needed = self.mix_ratio != 1.0 and len(cons)
         if cond_needed:  # conditional model velocity on consistency rows, batched with the uncond ones
             xs.append(x_t[-1]); ts.append(cons.t); ys.append(cons.labels); augs.append(cons.augment_labels)
+            ws.append(cons.w)
         x, t = torch.cat(xs), torch.cat(ts)
-        v_model = flow.velocity_from(x, t, net(x, t, t, torch.cat(ys), _cat(*augs)).to(x.dtype))
+        v_model = flow.velocity_from(x, t, call_net(net, x, t, t, torch.cat(ys), _cat(*augs), _cat(*ws)).to(x.dtype))
         v_model = list(v_model.split([len(x_) for x_ in xs]))
         v_cond = [v_pred.detach()] if len(fm) else []
         if cond_needed:
             v_cond.append(v_model.pop())
         targets = []
         for g, v, v_unc, v_c in zip(groups, v_t, v_model, v_cond + [None] * (len(groups) - len(v_cond))):
-            decay = expand_as_rows(guidance_decay(g.t, self.cfg_decay_time), v)
-            v_g = v + decay * (self.cfg_scale - 1) * (v - v_unc)
+            v_g = v + self._guidance_weight(g, v) * (v - v_unc)
             v_mix = v_g if v_c is None else self.mix_ratio * v_g + (1 - self.mix_ratio) * v_c
             targets.append(torch.where(expand_as_rows(g.cfg_mask, v), v, v_mix) if g.cfg_mask is not None else v_mix)
         return targets
+
+    def _guidance_weight(self, g: Rows, v: Tensor) -> Tensor:
+        """g(t) (w - 1) of eq. (G), shaped to broadcast against v [B, ...]."""
+        decay = guidance_decay(g.t, self.cfg_decay_time)
+        t_lo, t_hi = self.guidance_interval
+        if (t_lo, t_hi) != (0.0, 1.0):
+            decay = decay * ((g.t >= t_lo) & (g.t <= t_hi)).to(decay.dtype)
+        decay = expand_as_rows(decay, v)
+        if g.w is None:
+            return decay * (self.cfg_scale - 1)
+        return decay * expand_as_rows(g.w - 1, v)
 
     def _velocity_loss(self, flow, fm: Rows, v_pred: Tensor, target: Tensor, stats: dict) -> Tensor:
         """L_FM = mean_i sg(w_i) mse_i,  w_i = 1 / (|d_s b(t, t)| (mse_i + eps)^p)."""
@@ -234,9 +326,9 @@ class SoFlowLoss:
                 # Same masks need the same shapes: rerun the whole batch, keep the consistency rows.
                 n_v = fm_args[0].shape[0] - len(cons)
                 args = (torch.cat([fm_args[0][:n_v], x_l]), torch.cat([fm_args[1][:n_v], cons.l]), *fm_args[2:])
-                out_l = net(*args)[n_v:]
+                out_l = call_net(net, *args)[n_v:]
             else:
-                out_l = net(x_l, cons.l, cons.s, cons.labels, cons.augment_labels)
+                out_l = call_net(net, x_l, cons.l, cons.s, cons.labels, cons.augment_labels, cons.w)
             f_l = flow.solution_from(x_l, cons.l, cons.s, out_l.to(x_t.dtype))
             dq = (f_t - f_l) / gap
             mse = mean_per_row(dq ** 2)
@@ -257,6 +349,8 @@ def check_labels_for_guidance(loss: SoFlowLoss, has_labels: bool, data_name: str
     `key` prefixes the setting names in the messages (their config section).
     """
     w, m, drop = loss.cfg_scale, loss.mix_ratio, loss.cfg_drop_rate
+    if loss.guidance_range is not None:
+        return _check_guidance_input(loss, has_labels, data_name, key)
     if not has_labels:
         set_keys = [f"{key}{k}={v}" for k, v, off in (("cfg_scale", w, 1), ("mix_ratio", m, 1),
                                                          ("cfg_drop_rate", drop, 0)) if v != off]
@@ -281,3 +375,16 @@ def check_labels_for_guidance(loss: SoFlowLoss, has_labels: bool, data_name: str
         raise ValueError(f"{key}cfg_scale={w} with {key}cfg_drop_rate=0: the guided target needs the "
                          "unconditional velocity of the null class, which only label dropout trains; set "
                          f"{key}cfg_drop_rate above 0 (the reference uses 0.1), or {key}cfg_scale=1")
+
+
+def _check_guidance_input(loss: SoFlowLoss, has_labels: bool, data_name: str, key: str) -> None:
+    """guidance_range needs labels and label dropout: the null-label velocity of eq. (G)."""
+    w_range = list(loss.guidance_range)
+    if not has_labels:
+        fix = " (or data.conditional=true)" if data_name in ("fmnist", "cifar10") else ""
+        raise ValueError(f"{key}guidance_range={w_range}: guidance as a network input needs class labels, but "
+                         f"data.name={data_name} gives none; set {key}guidance_range=null{fix}")
+    if loss.cfg_drop_rate == 0:
+        raise ValueError(f"{key}guidance_range={w_range} with {key}cfg_drop_rate=0: the guided target needs the "
+                         "unconditional velocity of the null class, which only label dropout trains; set "
+                         f"{key}cfg_drop_rate above 0 (the reference uses 0.1)")

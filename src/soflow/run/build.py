@@ -17,8 +17,9 @@ def network_args(cfg: Config, sample_shape: tuple, num_classes: int) -> dict:
     """The network's constructor arguments: those the data fix (the network's own `data_args`), then
     model.net_args over them."""
     augment_dim = AUGMENT_DIM if cfg.data.augment_p > 0 else 0
+    extra = {"guidance_input": True} if guidance_input(cfg) else {}
     return {**data_args(cfg.model.net, sample_shape, num_classes, guided_training(cfg), augment_dim),
-            **cfg.model.net_args}
+            **extra, **cfg.model.net_args}
 
 
 def build_flow(cfg: Config, sample_shape: tuple, num_classes: int) -> SolutionFlow:
@@ -40,6 +41,18 @@ def build_objective(cfg: Config) -> Objective:
 def guided_training(cfg: Config) -> bool:
     """Whether labels are dropped to the null class in training (so the network needs that row)."""
     return build_objective(cfg).cfg_drop_rate > 0
+
+
+def guidance_input(cfg: Config) -> bool:
+    """Whether the network takes the guidance scale as an input (the method's guidance_range is set)."""
+    return getattr(build_objective(cfg), "guidance_range", None) is not None
+
+
+def guidance_scales(cfg: Config):
+    """The guidance scales a model of this config honours at sampling time (soflow.guidance)."""
+    from ..guidance import scales_of
+
+    return scales_of(build_objective(cfg), method(cfg.method).section)
 
 
 def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:

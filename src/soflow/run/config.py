@@ -78,6 +78,9 @@ class TrainConfig:
     fid_every: int = 0  # every N steps and at the last step (0: off)
     fid_num: int = 50_000  # samples per score, spread over the ranks
     fid_nfe: list = field(default_factory=lambda: [1, 2])  # one score per entry: fid_nfe1, fid_nfe2, ...
+    # classifier-free guidance scales scored at each NFE (soflow.guidance; empty: the model's own):
+    # fid_nfe1_w1.5, fid_nfe1_w3, ...; the first NFE and first scale pick best-fid.pt
+    fid_guidance: list = field(default_factory=list)
     fid_ref: typing.Optional[str] = None  # reference statistics .npz with mu, sigma (`soflow fid ref` or ADM's)
     fid_inception: typing.Optional[str] = None  # Inception weights (null: $SOFLOW_INCEPTION_WEIGHTS or ~/.cache/soflow)
     fid_batch_size: int = 250  # samples generated, decoded and scored at once on each rank

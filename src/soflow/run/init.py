@@ -2,7 +2,8 @@
 
 A source is a soflow run folder (its newest readable checkpoint), a checkpoint file, a safetensors
 export, a pipeline folder, an authors' SoFlow checkpoint or a SiT checkpoint (soflow.sit), of any
-training method, as long as the network is the same.  The EMA weights of the source are used:
+training method, as long as the network is the same (a network that takes the guidance scale
+as an input may start from one that does not: its zero-output embedder is kept).  The EMA weights of the source are used:
 they are what the source's owner samples with.  Every file is read with safetensors or
 `weights_only=True`.
 """
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, UnreadableFile
+from ..nets.dit import GUIDANCE_EMBEDDER
 from ..reference import PREFIX
 from ..safeload import load_safetensors, load_torch
 from ..sit import sit_state_of, sit_to_soflow
@@ -31,11 +33,23 @@ def initial_weights(source: str | Path, net: nn.Module) -> tuple[dict[str, Tenso
     naming the first tensor that does not fit."""
     path = Path(source)
     state, kind = _read(path, net)
+    state = with_own_guidance_embedder(net, state)
     misfits = tensor_misfits(net, state)
     if misfits:
         raise CheckpointError(f"train.init {path}: the {kind} does not fit this run's network: {misfits}; "
                               "start from a model of the same network (model.net, model.net_args, data)")
     return state, kind
+
+
+def with_own_guidance_embedder(net: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state` with the network's own guidance-embedder tensors where the file has none: a model
+    without guidance as an input (fixed-scale, flow matching) starts a run that has it, and the
+    embedder's zero output layer makes the network compute exactly what the source did."""
+    prefix = GUIDANCE_EMBEDDER + "."
+    own = {k: v for k, v in net.state_dict().items() if k.startswith(prefix)}
+    if not own or any(k.startswith(prefix) for k in state):
+        return state
+    return {**state, **{k: v.detach().clone() for k, v in own.items()}}
 
 
 def _read(path: Path, net: nn.Module) -> tuple[dict[str, Tensor], str]:

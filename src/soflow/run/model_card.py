@@ -11,9 +11,11 @@ from .config import Config, dump
 SD_VAE = "stabilityai/sd-vae-ft-mse"
 
 
-def pipeline_config(cfg: Config, sample_shape, num_classes: int, step: int | None, vae: str | None) -> dict:
+def pipeline_config(cfg: Config, sample_shape, num_classes: int, step: int | None, vae: str | None,
+                    guidance: dict | None = None) -> dict:
     """What a reader of the folder needs without soflow: method, network, sample shape, classes,
-    and for latent models the VAE that decodes them.  The full training config is in the weights'
+    the guidance scales it honours (kind: input | trained | sampling, default, range of an input
+    model; soflow.guidance) and for latent models the VAE that decodes them.  The full training config is in the weights'
     metadata and in the model card."""
     info = {
         "library": "soflow", "soflow_version": __version__, "method": cfg.method,
@@ -22,6 +24,8 @@ def pipeline_config(cfg: Config, sample_shape, num_classes: int, step: int | Non
         "sample_shape": list(sample_shape), "num_classes": num_classes, "data": cfg.data.name,
         "training_steps": step,
     }
+    if guidance is not None:
+        info["guidance"] = guidance
     if cfg.data.name == "imagenet-latents":
         info["vae"] = {"diffusers_name": SD_VAE, "local_path": vae, "scale": 0.18215}
     return info
@@ -39,6 +43,7 @@ def model_card(cfg: Config, info: dict, grid: Path | None) -> str:
         "```python", "from soflow import Pipeline", "",
         'pipe = Pipeline.from_pretrained("THIS_FOLDER")', usage_line(info), "```", "",
     ]
+    lines += _guidance_lines(info.get("guidance"))
     if "vae" in info:
         lines += [f"Samples are SD-VAE latents, decoded with `{info['vae']['diffusers_name']}` "
                   "(pass a local copy: `Pipeline.from_pretrained(..., vae=FOLDER)`).", ""]
@@ -54,3 +59,20 @@ def usage_line(info: dict) -> str:
         return (f"points = pipe(num=2000, nfe=1, seed=0, output=\"tensor\")  # [2000, {info['sample_shape'][0]}], "
                 "one network evaluation per sample")
     return "images = pipe(num=16, nfe=1, seed=0)  # 16 PIL images, one network evaluation per sample"
+
+
+def _guidance_lines(guidance: dict | None) -> list[str]:
+    """How the card's reader picks a guidance scale (soflow.guidance)."""
+    if guidance is None:
+        return []
+    kind, w = guidance["kind"], guidance["default"]
+    if kind == "input":
+        lo, hi = guidance["range"]
+        text = (f"The network takes the classifier-free guidance scale as an input: `pipe(..., guidance=W)` with W "
+                f"in [{lo:g}, {hi:g}] (default {w:g}), one network evaluation per step at any W.")
+    elif kind == "trained":
+        text = f"Guidance scale {w:g} is built in by training; the model samples at that scale only."
+    else:
+        text = ("`pipe(..., guidance=W)` applies classifier-free guidance with two network evaluations per step "
+                "(where the model has a null class).")
+    return [text, ""]

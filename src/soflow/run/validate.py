@@ -8,7 +8,7 @@ import re
 
 from ..errors import ConfigError
 from ..methods import METHODS
-from ..nets import canonical_name
+from ..nets import REGISTRY, canonical_name
 from .config import CHOICES, Config, _type_ok, has_labels
 
 
@@ -83,6 +83,10 @@ def _validate_method_sections(cfg: Config, guidance: bool) -> None:
     m = METHODS[cfg.method]
     if m.linear_euler_only and (cfg.model.path, cfg.model.parameterization) != ("linear", "euler"):
         raise ConfigError(f"method={m.name} needs model.path=linear and model.parameterization=euler")
+    w_range = getattr(getattr(cfg, m.section), "guidance_range", None)
+    if w_range is not None and not getattr(REGISTRY[canonical_name(cfg.model.net)].func, "takes_guidance", False):
+        raise ConfigError(f"{m.section}.guidance_range: network {cfg.model.net} cannot take the guidance scale as "
+                          "an input; use a DiT (dit-*) or mlp, or set it to null")
     if not m.through_ddp and cfg.train.fsdp:
         raise ConfigError(f"train.fsdp: not supported with method={m.name} (its loss runs on the unwrapped network)")
     if guidance and m.check is not None:
@@ -117,6 +121,25 @@ def _validate_finite(cfg: Config) -> None:
         raise ConfigError(f"{found[0]}: must be a finite number, got {found[1]}")
 
 
+def _validate_fid_guidance(cfg: Config) -> None:
+    """train.fid_guidance: distinct finite scales, each one the model of this config can honour."""
+    from ..guidance import cfg_problem
+    from .build import guidance_scales, guided_training
+
+    scales = cfg.train.fid_guidance
+    if not isinstance(scales, list) or not all(_type_ok(w, float) for w in scales):
+        raise ConfigError(f"train.fid_guidance: expected a list of guidance scales, got {scales!r}")
+    if len(set(scales)) != len(scales):
+        raise ConfigError(f"train.fid_guidance: {scales!r} repeats an entry")
+    honoured = guidance_scales(cfg)
+    for w in scales:
+        problem = honoured.problem(w)
+        if problem is None and honoured.kind == "sampling" and w != 1:
+            problem = cfg_problem(has_labels(cfg.data), guided_training(cfg))
+        if problem:
+            raise ConfigError(f"train.fid_guidance: scale {w:g}: {problem}")
+
+
 def _validate_fid(cfg: Config) -> None:
     """The FID settings that can be checked without touching files (those are checked when training starts)."""
     t = cfg.train
@@ -130,6 +153,7 @@ def _validate_fid(cfg: Config) -> None:
         raise ConfigError(f"train.fid_nfe: expected a list of positive integers, got {t.fid_nfe!r}")
     if len(set(t.fid_nfe)) != len(t.fid_nfe):
         raise ConfigError(f"train.fid_nfe: {t.fid_nfe!r} repeats an entry")
+    _validate_fid_guidance(cfg)
     if t.fid_dims not in (64, 192, 768, 2048):
         raise ConfigError(f"train.fid_dims: {t.fid_dims} is not an Inception feature size; choose 2048 (standard FID), "
                           "768, 192 or 64")

@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-from ..plots import plural
 from ..errors import ConfigError
 
 
