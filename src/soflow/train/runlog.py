@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..plots import plural  # noqa: F401  (the trainer's modules take it from here)
 
 
 class _NoProgress:
