@@ -52,6 +52,8 @@ def validate(cfg: Config, guidance: bool = True) -> Config:
                           f"{' | '.join(METHODS[cfg.method].modes)}, not {t.sample_mode!r}")
     if not t.sample_nfe or not all(_type_ok(x, int) and x >= 1 for x in t.sample_nfe):
         raise ConfigError(f"train.sample_nfe: expected a list of positive integers, got {t.sample_nfe!r}")
+    if t.grad_clip is not None and t.grad_clip <= 0:
+        raise ConfigError(f"train.grad_clip: must be a positive norm, or null for no clipping, got {t.grad_clip}")
     if t.threads < 0:
         raise ConfigError(f"train.threads: must be 0 (choose by network size) or a positive count, got {t.threads}")
     _validate_fid(cfg)
