@@ -212,18 +212,28 @@ def summarize(results: dict) -> dict:
     return summary
 
 
+def seed_mean(runs: list[dict]) -> dict:
+    """One variant on one dataset: its runs (seeds 0, 1, ...) and their mean per sampler."""
+    mean = {key: {k: statistics.mean(r["nfe"][key][k] for r in runs) for k in ("energy_distance", "sliced_w2")}
+            for key in runs[0]["nfe"]}
+    return {"runs": runs, "mean": mean, "train_seconds_mean": statistics.mean(r["train_seconds"] for r in runs)}
+
+
 def merge_results(results: dict, args, path: Path) -> None:
-    """Add to `results` the variants of an earlier results file that did not run here (runs are a
-    function of config, dataset and seed, so an unchanged variant's numbers carry over)."""
+    """Add to `results` the variants of an earlier results file that did not run here, over the seeds
+    run here (a run is a function of config, dataset and seed, so an unchanged variant's numbers
+    carry over)."""
     earlier = json.loads(path.read_text())
-    same = {k: earlier["config"].get(k) == getattr(args, k) for k in ("steps", "seeds", "num")}
+    same = {k: earlier["config"].get(k) == getattr(args, k) for k in ("steps", "num")}
+    same["seeds"] = earlier["config"].get("seeds", 0) >= args.seeds
     if not all(same.values()):
         raise SystemExit(f"--merge {path}: made with other {', '.join(k for k, ok in same.items() if not ok)}")
     for ds, res in results.items():
         if ds not in earlier["results"]:
             raise SystemExit(f"--merge {path}: has no results for {ds}")
         for variant, numbers in earlier["results"][ds].items():
-            res.setdefault(variant, numbers)
+            if variant not in res and len(numbers["runs"]) >= args.seeds:
+                res[variant] = seed_mean(numbers["runs"][:args.seeds])
 
 
 def main():
@@ -237,8 +247,9 @@ def main():
     ap.add_argument("--set", action="append", default=[], help="extra config override for every run")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at once, one thread each")
     ap.add_argument("--cache", help="folder keeping finished runs for reuse (see above)")
-    ap.add_argument("--merge", help="results JSON of an earlier run of this script at the same steps, seeds and "
-                                    "sample count: its variants that did not run here join the table and summary")
+    ap.add_argument("--merge", help="results JSON of an earlier run of this script at the same steps and sample "
+                                    "count and at least as many seeds: its variants that did not run here join the "
+                                    "table and summary, over the seeds run here")
     ap.add_argument("--no-figure", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/quality-toy.json")
     args = ap.parse_args()
@@ -261,10 +272,7 @@ def main():
                 panels[ds][variant], panels[ds]["data"] = samples, ref
             print(ds, variant, seed, f"{out['train_seconds']:.0f}s", json.dumps(out["nfe"]), flush=True)
     for (ds, variant), rs in runs.items():
-        mean = {key: {k: statistics.mean(r["nfe"][key][k] for r in rs) for k in ("energy_distance", "sliced_w2")}
-                for key in ALL_VARIANTS[variant][2]}
-        results[ds][variant] = {"runs": rs, "mean": mean,
-                                "train_seconds_mean": statistics.mean(r["train_seconds"] for r in rs)}
+        results[ds][variant] = seed_mean(rs)
     figured = {ds: dict(res) for ds, res in results.items()}  # the figure shows the variants run here
     if args.merge:
         merge_results(results, args, Path(args.merge))
