@@ -73,6 +73,17 @@ SWEEP = {
     "meanflow_cifar": VARIANTS["meanflow_cifar"],
     "flow_matching_preset": VARIANTS["flow_matching"],
 }
+# MeanFlow candidates from the public rectified-flow-pytorch 0.14 settings (its MeanFlow: the whole batch
+# r != t on half of the steps, adaptive weight p 0.5 on the per-element mean error, lr 3e-4, gradient
+# norm clipped to 0.5), all together and one at a time on the ImageNet recipe (soflow's defaults).
+MEANFLOW_PUBLIC = {
+    "split": ["meanflow.r_neq_t_split=steps", "meanflow.ratio_r_neq_t=0.5"],
+    "weight": ["meanflow.p=0.5", "meanflow.reduction=mean"],
+    "optim": ["train.lr=0.0003", "train.grad_clip=0.5"],
+}
+SWEEP.update({f"meanflow_{name}": ("meanflow", overrides, VARIANTS["meanflow"][2])
+              for name, overrides in MEANFLOW_PUBLIC.items()})
+SWEEP["meanflow_public"] = ("meanflow", [o for part in MEANFLOW_PUBLIC.values() for o in part], VARIANTS["meanflow"][2])
 ALL_VARIANTS = {**VARIANTS, **{k: v for k, v in SWEEP.items() if k not in VARIANTS}}
 
 
@@ -201,6 +212,30 @@ def summarize(results: dict) -> dict:
     return summary
 
 
+def seed_mean(runs: list[dict]) -> dict:
+    """One variant on one dataset: its runs (seeds 0, 1, ...) and their mean per sampler."""
+    mean = {key: {k: statistics.mean(r["nfe"][key][k] for r in runs) for k in ("energy_distance", "sliced_w2")}
+            for key in runs[0]["nfe"]}
+    return {"runs": runs, "mean": mean, "train_seconds_mean": statistics.mean(r["train_seconds"] for r in runs)}
+
+
+def merge_results(results: dict, args, path: Path) -> None:
+    """Add to `results` the variants of an earlier results file that did not run here, over the seeds
+    run here (a run is a function of config, dataset and seed, so an unchanged variant's numbers
+    carry over)."""
+    earlier = json.loads(path.read_text())
+    same = {k: earlier["config"].get(k) == getattr(args, k) for k in ("steps", "num")}
+    same["seeds"] = earlier["config"].get("seeds", 0) >= args.seeds
+    if not all(same.values()):
+        raise SystemExit(f"--merge {path}: made with other {', '.join(k for k, ok in same.items() if not ok)}")
+    for ds, res in results.items():
+        if ds not in earlier["results"]:
+            raise SystemExit(f"--merge {path}: has no results for {ds}")
+        for variant, numbers in earlier["results"][ds].items():
+            if variant not in res and len(numbers["runs"]) >= args.seeds:
+                res[variant] = seed_mean(numbers["runs"][:args.seeds])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", nargs="+", default=["checkerboard", "moons"],
@@ -212,6 +247,9 @@ def main():
     ap.add_argument("--set", action="append", default=[], help="extra config override for every run")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at once, one thread each")
     ap.add_argument("--cache", help="folder keeping finished runs for reuse (see above)")
+    ap.add_argument("--merge", help="results JSON of an earlier run of this script at the same steps and sample "
+                                    "count and at least as many seeds: its variants that did not run here join the "
+                                    "table and summary, over the seeds run here")
     ap.add_argument("--no-figure", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/quality-toy.json")
     args = ap.parse_args()
@@ -234,10 +272,10 @@ def main():
                 panels[ds][variant], panels[ds]["data"] = samples, ref
             print(ds, variant, seed, f"{out['train_seconds']:.0f}s", json.dumps(out["nfe"]), flush=True)
     for (ds, variant), rs in runs.items():
-        mean = {key: {k: statistics.mean(r["nfe"][key][k] for r in rs) for k in ("energy_distance", "sliced_w2")}
-                for key in ALL_VARIANTS[variant][2]}
-        results[ds][variant] = {"runs": rs, "mean": mean,
-                                "train_seconds_mean": statistics.mean(r["train_seconds"] for r in rs)}
+        results[ds][variant] = seed_mean(rs)
+    figured = {ds: dict(res) for ds, res in results.items()}  # the figure shows the variants run here
+    if args.merge:
+        merge_results(results, args, Path(args.merge))
     summary = summarize(results)
     out = Path(args.out)
     write_json(out, {"config": vars(args), "commit": git_commit(),
@@ -245,7 +283,7 @@ def main():
                                   for v in args.variants},
                      "results": results, "summary": summary})
     if not args.no_figure:
-        figure(out.with_suffix(".png"), panels, results)
+        figure(out.with_suffix(".png"), panels, figured)
     print(json.dumps(summary.get("mean_over_datasets", summary), indent=1))
     print(json.dumps(summary.get("targets", {}), indent=1))
     print(f"wrote {out}" + ("" if args.no_figure else f" and {out.with_suffix('.png')}"))

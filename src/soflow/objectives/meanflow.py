@@ -32,18 +32,21 @@ target and in the JVP tangent.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from ..nets.dit import math_attention
 from ..paths import EulerParameterization, LinearPath, conditional_velocity, expand_as_rows, interpolate
+from ..seeding import generator as seeded_generator
 from ..solution import SolutionFlow
 from ..times import logit_normal
 from . import checks
 
 REDUCTIONS = ("sum", "mean")
+SPLITS = ("rows", "steps")
+STEP_DRAW = 0x4D46  # key of the per-step r != t draw: generator(seed, step, STEP_DRAW)
 
 
 def _per_row(x: Tensor, reduction: str) -> Tensor:
@@ -122,11 +125,17 @@ class MeanFlowLoss:
                       squared error.
     reduction:        "sum" (MeanFlow: squared L2 norm per sample) or "mean" over the dimensions
     time_mean, time_std: logit-normal (mean, std) of the two times; t = max, r = min
-    ratio_r_neq_t:    share of each batch (the first rows) keeping r < t; the other rows get r = t
-                      (MeanFlow's ImageNet setting: 25 %)
+    ratio_r_neq_t:    share of r != t, counted as r_neq_t_split says (MeanFlow's ImageNet setting:
+                      25 % of rows)
+    r_neq_t_split:    "rows": the first int(ratio_r_neq_t B) rows of every batch keep r < t, the
+                      others get r = t.  "steps": on a share ratio_r_neq_t of the training steps the
+                      whole batch keeps r < t, on the others every row gets r = t (the public
+                      rectified-flow-pytorch MeanFlow, 0.5).  Which steps is a function of
+                      (seed, step) alone, the same on every rank, micro-batch and resume.
     omega, kappa:     training-time guidance scale and mix; omega = 1, kappa = 0 is no guidance
     t_min, t_max:     guidance applies where t_min <= t <= t_max
     cfg_drop_rate:    share of labels replaced by the null class (num_classes)
+    seed:             train.seed in a run config (not a key of its own): picks the r != t steps
 
     One step sends each row through the network with grad exactly once: the rows with r != t as
     the primal of the JVP, the rows with r = t (which need no derivative) as a plain forward.  With
@@ -146,15 +155,20 @@ class MeanFlowLoss:
     time_mean: float = -0.4
     time_std: float = 1.0
     ratio_r_neq_t: float = 0.25
+    r_neq_t_split: str = "rows"
     omega: float = 1.0
     kappa: float = 0.0
     t_min: float = 0.0
     t_max: float = 1.0
     cfg_drop_rate: float = 0.0
+    # in a run config it is train.seed, not a key of its own
+    seed: int = field(default=0, metadata={"from": "train.seed"})
 
     def __post_init__(self):
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction: unknown reduction {self.reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+        if self.r_neq_t_split not in SPLITS:
+            raise ValueError(f"r_neq_t_split: unknown split {self.r_neq_t_split!r}; choose one of {', '.join(SPLITS)}")
         checks.non_negative("p", self.p)
         checks.positive("c", self.c)  # the weight 1 / (||.||^2 + c)^p stays finite only for c > 0
         checks.number("time_mean", self.time_mean)
@@ -179,12 +193,24 @@ class MeanFlowLoss:
         scale = self.omega / (1 - self.kappa) if self.kappa != 1 else math.inf
         return scale, f"omega={self.omega:g}, kappa={self.kappa:g}"
 
-    def sample_times(self, n: int, device=None, generator=None) -> tuple[Tensor, Tensor]:
-        """(t, r): the max and min of two logit-normal draws; rows from int(ratio_r_neq_t n) on get r = t."""
+    def moving_step(self, step: int) -> bool:
+        """With r_neq_t_split "steps": whether training step `step` keeps r < t on the whole batch,
+        true on a share ratio_r_neq_t of the steps, drawn from (seed, step) alone."""
+        draw = torch.rand((), generator=seeded_generator(self.seed, step, STEP_DRAW), dtype=torch.float64)
+        return bool(draw < self.ratio_r_neq_t)
+
+    def rows_keeping_r(self, n: int, step: int) -> int:
+        """How many rows (the first ones) keep r < t at training step `step`; the rest get r = t."""
+        if self.r_neq_t_split == "rows":
+            return int(self.ratio_r_neq_t * n)
+        return n if self.moving_step(step) else 0
+
+    def sample_times(self, n: int, device=None, generator=None, step: int = 0) -> tuple[Tensor, Tensor]:
+        """(t, r): the max and min of two logit-normal draws; rows from `rows_keeping_r` on get r = t."""
         a = logit_normal(n, self.time_mean, self.time_std, device=device, generator=generator)
         b = logit_normal(n, self.time_mean, self.time_std, device=device, generator=generator)
         t, r = torch.maximum(a, b), torch.minimum(a, b)
-        keep = torch.arange(n, device=t.device) < int(self.ratio_r_neq_t * n)
+        keep = torch.arange(n, device=t.device) < self.rows_keeping_r(n, step)
         return t, torch.where(keep, r, t)
 
     def __call__(self, flow: SolutionFlow, x0: Tensor, labels: Tensor | None = None, step: int = 0,
@@ -194,7 +220,7 @@ class MeanFlowLoss:
         cfg_mask = None
         if labels is not None and self.cfg_drop_rate > 0:
             cfg_mask = torch.rand(b, device=dev) < self.cfg_drop_rate
-        t, r = self.sample_times(b, device=dev)
+        t, r = self.sample_times(b, device=dev, step=step)
         return self.loss_on(flow, x0, x1, t.to(x0.dtype), r.to(x0.dtype), labels, cfg_mask, augment_labels, net)
 
     def loss_on(self, flow: SolutionFlow, x0: Tensor, x1: Tensor, t: Tensor, r: Tensor,

@@ -56,6 +56,7 @@ class TrainConfig:
     lr: float = 1e-4
     betas: list = field(default_factory=lambda: [0.9, 0.99])
     weight_decay: float = 0.0
+    grad_clip: typing.Optional[float] = None  # clip the gradient norm to this before each step (null: no clipping)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; loss math stays fp32)
     tf32: bool = True
     compile: bool = False

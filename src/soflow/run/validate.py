@@ -60,6 +60,8 @@ def validate(cfg: Config, guidance: bool = True) -> Config:
     if cfg.method == "meanflow" and str(t.precision).lower() == "fp16":
         raise ConfigError("train.precision: fp16 overflows MeanFlow's forward-mode derivative (NaN tangents through "
                           "the U-Net); use bf16 or fp32")
+    if t.grad_clip is not None and t.grad_clip <= 0:
+        raise ConfigError(f"train.grad_clip: must be a positive norm, or null for no clipping, got {t.grad_clip}")
     if t.threads < 0:
         raise ConfigError(f"train.threads: must be 0 (choose by network size) or a positive count, got {t.threads}")
     _validate_fid(cfg)

@@ -234,8 +234,8 @@ def _announce(cfg: Config, env, log: RunLog, threads: int) -> None:
 def _optimizer_step(run: Run):
     """One optimizer step at run.step: train.grad_accum micro-batches (DDP syncs gradients on the
     last only), gradients averaged by hand where the network runs outside DDP, the norm measured
-    (no clipping), the scaler's step and the EMA update.  Returns (loss, stats, grad_norm) of the
-    last micro-batch, all device tensors."""
+    (and clipped to train.grad_clip where set), the scaler's step and the EMA update.  Returns
+    (loss, stats, grad_norm before clipping) of the last micro-batch, all device tensors."""
     t, step = run.cfg.train, run.step
     dtype = AUTOCAST[t.precision]
     run.flow.train()
@@ -250,7 +250,8 @@ def _optimizer_step(run: Run):
     if not run.through_ddp:
         parallel.average_gradients(run.params, run.env)
     run.scaler.unscale_(run.optimizer)
-    grad_norm = parallel.local_tensor(torch.nn.utils.clip_grad_norm_(run.params, float("inf")))
+    max_norm = float("inf") if t.grad_clip is None else t.grad_clip  # returns the norm before clipping
+    grad_norm = parallel.local_tensor(torch.nn.utils.clip_grad_norm_(run.params, max_norm))
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
