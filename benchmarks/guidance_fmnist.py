@@ -17,6 +17,9 @@ Writes JSON (all numbers, seed means, the targets) and a plot of FD and accuracy
 
     python benchmarks/guidance_fmnist.py --steps 2000 --seeds 0 1 --out benchmarks/results/guidance-fmnist.json
     python benchmarks/guidance_fmnist.py --steps 4 --seeds 0 --per-class 2 --runs /tmp/g --out /tmp/g.json  # smoke
+
+Seeds may run in separate processes (--seeds 0 --out a.json, --seeds 1 --out b.json); then
+`--combine a.json b.json --out ...` joins their runs and computes the means, targets and plot.
 """
 
 from __future__ import annotations
@@ -104,7 +107,10 @@ def main():
     ap.add_argument("--set", action="append", default=[], help="extra override for every variant")
     ap.add_argument("--runs", default="runs/guidance-fmnist")
     ap.add_argument("--out", default="benchmarks/results/guidance-fmnist.json")
+    ap.add_argument("--combine", nargs="+", help="join the runs of these result files (one per seed) instead of training")
     args = ap.parse_args()
+    if args.combine:
+        return combine(args.combine, Path(args.out))
     args.eval_every = args.eval_every or args.steps
     if not {2.0, 3.0} <= set(args.scales):
         ap.error("--scales must include 2 and 3 (the fixed models' scales)")
@@ -120,12 +126,35 @@ def main():
             print(name, seed, json.dumps(record["scores"]), flush=True)
             # written after every run, so a long benchmark that is stopped keeps what it measured
             write_json(out, {"config": vars(args), "variants": VARIANTS, "commit": git_commit(), "results": results})
+    finish(out, {"config": vars(args), "variants": VARIANTS, "commit": git_commit(), "results": results})
+
+
+def finish(out: Path, doc: dict) -> None:
+    """Seed means, targets and the plot of a document whose results hold every run."""
+    results = doc["results"]
     means = {name: seed_means(records) for name, records in results["runs"].items()}
+    seconds = {name: [r["train_seconds"] for r in records] for name, records in results["runs"].items()}
     results["means"], results["targets"] = means, targets(means, seconds)
-    write_json(out, {"config": vars(args), "variants": VARIANTS, "commit": git_commit(), "results": results})
+    write_json(out, doc)
     plot(out.with_name(f"{out.stem}.png"), means, results["real_data"])
     print(json.dumps(results["targets"], indent=1))
     print(f"wrote {out}")
+
+
+def combine(paths: list[str], out: Path) -> None:
+    """One document from result files of the same settings that ran different seeds."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    runs: dict[str, list] = {}
+    for doc in docs:
+        for name, records in doc["results"]["runs"].items():
+            runs.setdefault(name, []).extend(records)
+    # JSON keys are strings: scores keyed by w come back as "2.0"
+    for records in runs.values():
+        for r in records:
+            r["scores"] = {float(w): v for w, v in r["scores"].items()}
+    config = {**docs[0]["config"], "seeds": sorted(r["seed"] for r in runs["any"]), "combined": paths}
+    finish(out, {"config": config, "variants": VARIANTS, "commit": docs[0]["commit"],
+                 "results": {"real_data": docs[0]["results"]["real_data"], "runs": runs}})
 
 
 if __name__ == "__main__":
