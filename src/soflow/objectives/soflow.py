@@ -17,6 +17,8 @@ from ..paths import conditional_velocity, expand_as_rows, interpolate, mean_per_
 from ..solution import SolutionFlow
 from ..times import SCHEDULES, consistency_times, guidance_decay, logit_normal, middle_ratio
 from . import checks
+from .scales import call_net, check_labels, check_range, row_scales
+from .scales import GUIDANCE_DISTRIBUTIONS, draw_scales  # noqa: F401  (shared with MeanFlow: objectives.scales)
 
 
 @dataclass
@@ -40,26 +42,6 @@ class Rows:
 def _cat(*parts):
     parts = [p for p in parts if p is not None]
     return torch.cat(parts) if parts else None
-
-
-def call_net(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, labels: Tensor | None,
-             augment_labels: Tensor | None, w: Tensor | None = None) -> Tensor:
-    """F(x, t, s | y, w): the guidance scale goes in only for a network that takes it."""
-    if w is None:
-        return net(x, t, s, labels, augment_labels)
-    return net(x, t, s, labels, augment_labels, guidance=w)
-
-
-GUIDANCE_DISTRIBUTIONS = ("uniform", "log-uniform")
-
-
-def draw_scales(n: int, low: float, high: float, distribution: str, device=None) -> Tensor:
-    """n guidance scales on [low, high]: w = low + (high - low) u ("uniform") or
-    w = low (high / low)^u ("log-uniform", as many draws in [1, 2] as in [2, 4]), u ~ U(0, 1)."""
-    u = torch.rand(n, device=device)
-    if distribution == "log-uniform":
-        return low * (high / low) ** u
-    return low + (high - low) * u
 
 
 def has_active_dropout(net: nn.Module) -> bool:
@@ -136,18 +118,8 @@ class SoFlowLoss:
         lo, hi = checks.numbers("guidance_interval", self.guidance_interval, 2, "t_lo, t_hi")
         if not 0 <= lo <= hi <= 1:
             raise ValueError(f"guidance_interval: expected 0 <= t_lo <= t_hi <= 1, got {[lo, hi]}")
-        if self.guidance_distribution not in GUIDANCE_DISTRIBUTIONS:
-            raise ValueError(f"guidance_distribution: unknown distribution {self.guidance_distribution!r}; "
-                             f"choose one of {', '.join(GUIDANCE_DISTRIBUTIONS)}")
-        if self.guidance_range is None:
-            return
-        w_lo, w_hi = checks.numbers("guidance_range", self.guidance_range, 2, "w_lo, w_hi")
-        if not 1 <= w_lo < w_hi:
-            raise ValueError(f"guidance_range: expected 1 <= w_lo < w_hi, got {[w_lo, w_hi]} (one scale: set "
-                             "cfg_scale and leave guidance_range null)")
-        if not w_lo <= self.cfg_scale <= w_hi:
-            raise ValueError(f"cfg_scale: with guidance_range {[w_lo, w_hi]} it is the scale sampled by default "
-                             f"and must lie in the range, got {self.cfg_scale}")
+        check_range(self.guidance_range, self.guidance_distribution, self.cfg_scale, "cfg_scale", "it is",
+                    "set cfg_scale")
 
     def _check_middle_ratio(self) -> None:
         """r(k, K) places the middle time l = t + (s - t) r between s (r = 1) and t (r = 0), so every
@@ -175,11 +147,7 @@ class SoFlowLoss:
 
     def row_scales(self, n: int, cfg_mask: Tensor | None, device) -> Tensor | None:
         """Each row's guidance scale (None unless guidance_range is set); dropped labels get w = 1."""
-        if self.guidance_range is None:
-            return None
-        w = draw_scales(n, float(self.guidance_range[0]), float(self.guidance_range[1]),
-                        self.guidance_distribution, device)
-        return w if cfg_mask is None else torch.where(cfg_mask, torch.ones_like(w), w)
+        return row_scales(self.guidance_range, self.guidance_distribution, n, cfg_mask, device)
 
     def ratio(self, step: int) -> float:
         """r(k, K) at training step k."""
@@ -350,7 +318,7 @@ def check_labels_for_guidance(loss: SoFlowLoss, has_labels: bool, data_name: str
     """
     w, m, drop = loss.cfg_scale, loss.mix_ratio, loss.cfg_drop_rate
     if loss.guidance_range is not None:
-        return _check_guidance_input(loss, has_labels, data_name, key)
+        return check_labels(loss, has_labels, data_name, key)
     if not has_labels:
         set_keys = [f"{key}{k}={v}" for k, v, off in (("cfg_scale", w, 1), ("mix_ratio", m, 1),
                                                          ("cfg_drop_rate", drop, 0)) if v != off]
@@ -375,16 +343,3 @@ def check_labels_for_guidance(loss: SoFlowLoss, has_labels: bool, data_name: str
         raise ValueError(f"{key}cfg_scale={w} with {key}cfg_drop_rate=0: the guided target needs the "
                          "unconditional velocity of the null class, which only label dropout trains; set "
                          f"{key}cfg_drop_rate above 0 (the reference uses 0.1), or {key}cfg_scale=1")
-
-
-def _check_guidance_input(loss: SoFlowLoss, has_labels: bool, data_name: str, key: str) -> None:
-    """guidance_range needs labels and label dropout: the null-label velocity of eq. (G)."""
-    w_range = list(loss.guidance_range)
-    if not has_labels:
-        fix = " (or data.conditional=true)" if data_name in ("fmnist", "cifar10") else ""
-        raise ValueError(f"{key}guidance_range={w_range}: guidance as a network input needs class labels, but "
-                         f"data.name={data_name} gives none; set {key}guidance_range=null{fix}")
-    if loss.cfg_drop_rate == 0:
-        raise ValueError(f"{key}guidance_range={w_range} with {key}cfg_drop_rate=0: the guided target needs the "
-                         "unconditional velocity of the null class, which only label dropout trains; set "
-                         f"{key}cfg_drop_rate above 0 (the reference uses 0.1)")
