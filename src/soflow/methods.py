@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .errors import ConfigError
 from .objectives.flow_matching import FlowMatchingLoss
-from .objectives.meanflow import MeanFlowLoss
+from .objectives.meanflow import MeanFlowLoss, check_meanflow_guidance
 from .objectives.shortcut import ShortcutLoss
 from .objectives.soflow import SoFlowLoss, check_labels_for_guidance
 from .protocols import Objective
@@ -73,7 +73,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     # matching at 100 steps against 5.51x for re-noising (docs/benchmarks.md); renoise is the reference's
     Method("soflow", SoFlowLoss, "objective", ("chain", "renoise"), logged=lambda loss, k: {"r": loss.ratio(k)},
            check=check_labels_for_guidance),
-    Method("meanflow", MeanFlowLoss, "meanflow", ("chain", "renoise"), through_ddp=False, linear_euler_only=True),
+    Method("meanflow", MeanFlowLoss, "meanflow", ("chain", "renoise"), through_ddp=False, linear_euler_only=True,
+           check=check_meanflow_guidance),
     Method("flow_matching", FlowMatchingLoss, "flow_matching", ("euler", "heun")),
     Method("shortcut", ShortcutLoss, "shortcut", ("chain",)),
 )}
