@@ -8,16 +8,17 @@ guidance scale of the velocity field sampled,
 so w = 1 is the conditional field and w = 0 the unconditional one.  Models differ in how they
 give that field:
 
-- "input":    trained over a range of scales with w as a network input (`guidance_range`); the
-              network takes w, one forward per step, any w in the trained range;
+- "input":    trained over a range of scales with w as a network input (`guidance_range` of
+              SoFlow's objective or of MeanFlow); the network takes w, one forward per step, any
+              w in the trained range;
 - "trained":  trained with one scale built in (SoFlow's cfg_scale, MeanFlow's omega / (1 - kappa));
               one forward per step, that scale only;
 - "sampling": trained without built-in guidance (flow matching, shortcut, or any model at scale 1);
               w != 1 combines a conditional and a null-label forward (CFG), two per step, and needs
               a class-conditional model trained with label dropout.
 
-Leaving the scale out samples at the model's own: its training scale, the configured default
-(cfg_scale) of an "input" model, or 1.
+Leaving the scale out samples at the model's own: its training scale, the configured default of
+an "input" model (SoFlow's cfg_scale, MeanFlow's omega / (1 - kappa)), or 1.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def cfg_problem(conditional: bool, null_class: bool) -> str | None:
 def scales_of(loss, section: str) -> GuidanceScales:
     """The scales of a model trained with `loss` (a method's config section, named `section`):
     losses with built-in guidance say so through `built_in_guidance()` -> (scale, setting) and a
-    `guidance_range` field; the others are guided at sampling time."""
+    `guidance_range` field with `default_guidance()`, the scale sampled by default; the others are
+    guided at sampling time."""
     w_range = getattr(loss, "guidance_range", None)
     if w_range is not None:
         return GuidanceScales("input", float(loss.default_guidance()), float(w_range[0]), float(w_range[1]))
