@@ -289,7 +289,10 @@ class MeanFlowLoss:
         omega = w (1 - kappa):
 
             v_tilde = w (1 - kappa) v + kappa u(z, t, t | c, w) + (1 - w (1 - kappa) - kappa) u(z, t, t | null, 1)
-                    = (1 - kappa) (u_null + w (v - u_null)) + kappa u_c.                       (MG)
+                    = (1 - kappa) (u_null + w (v - u_null)) + kappa u_c,                       (MG)
+
+        u_c = u(z, t, t | c, w) and u_null = u(z, t, t | null, 1), inside [t_min, t_max] on kept rows;
+        elsewhere the target is v as above, and the network still takes the row's w.
 
         Why these velocities.  The field to learn at scale w is the CFG field
 
