@@ -215,7 +215,8 @@ def test_scales_of_a_meanflow_model_trained_over_a_range():
     assert guidance_scales(load("fmnist", FIXED)) == GuidanceScales("trained", 2.0, 2.0, 2.0,
                                                                     "meanflow.omega=1.5, kappa=0.25")
     # the defaults omega = 1, kappa = 0 sample at w = 1, the range's low end
-    plain = load("fmnist", [TINY_DIT, "method=meanflow", "meanflow.cfg_drop_rate=0.1", "meanflow.guidance_range=[1, 3]"])
+    plain = load("fmnist", [TINY_DIT, "method=meanflow", "meanflow.cfg_drop_rate=0.1",
+                            "meanflow.guidance_range=[1, 3]"])
     assert guidance_scales(plain) == GuidanceScales("input", 1.0, 1.0, 3.0)
     assert load("fmnist", ANY + ["train.fid_guidance=[1, 2.5, 4]"]).train.fid_guidance == [1, 2.5, 4]
 
