@@ -1,9 +1,10 @@
 """soflow: Solution Flow Models for one- and few-step generation."""
 
 from . import nets
+from .errors import SoflowError
 from .pipeline import Pipeline
 from .sampling import sample
 from .solution import SolutionFlow
 
-__all__ = ["Pipeline", "SolutionFlow", "nets", "sample"]
+__all__ = ["Pipeline", "SoflowError", "SolutionFlow", "nets", "sample"]
 __version__ = "0.1.0"

@@ -40,6 +40,7 @@ def read_reference_blob(path: str | Path) -> dict:
 
 
 def network_state(blob: dict, which: str, source: str) -> dict[str, Tensor]:
+    """The network tensors of the `which` entry of a reference checkpoint dict, prefix stripped."""
     if which not in blob:
         raise CheckpointError(f"{source}: no {which!r} entry (found {', '.join(map(str, blob))})")
     return strip_prefix(blob[which], source=source)
@@ -51,6 +52,7 @@ def read_reference_checkpoint(path: str | Path, which: str = "ema_model") -> dic
 
 
 def strip_prefix(state: dict[str, Tensor], source: str = "state dict") -> dict[str, Tensor]:
+    """A reference state dict with the `network.` prefix taken off every name."""
     if not state or not all(k.startswith(PREFIX) for k in state):
         raise CheckpointError(f"{source}: expected every tensor name to start with {PREFIX!r}")
     return {k[len(PREFIX):]: v for k, v in state.items()}

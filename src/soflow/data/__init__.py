@@ -13,6 +13,7 @@ DATASETS = (*TOYS, "points", *IMAGE_DATASETS)
 
 
 def make_dataset(data_cfg) -> Dataset:
+    """The dataset named by `data_cfg.name`, read from `data_cfg.path` (DataError if unusable)."""
     name = data_cfg.name
     if name in TOYS:
         return ToyData(name)

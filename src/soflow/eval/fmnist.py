@@ -34,6 +34,7 @@ class FashionClassifier(nn.Module):
 
 
 def load_classifier(path: str | Path = WEIGHTS, device="cpu") -> FashionClassifier:
+    """The shipped Fashion-MNIST classifier, in eval mode on `device`."""
     from safetensors.torch import load_file
 
     path = Path(path)

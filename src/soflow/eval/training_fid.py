@@ -53,6 +53,7 @@ from .inception import InceptionFeatures
 
 
 def metric_name(nfe: int, guidance: float | None = None) -> str:
+    """The metrics key of the FID at `nfe` and guidance scale `guidance`: fid_nfe1, fid_nfe2_w1.5, ..."""
     return f"fid_nfe{nfe}" if guidance is None else f"fid_nfe{nfe}_w{guidance:g}"
 
 

@@ -23,6 +23,7 @@ def network_args(cfg: Config, sample_shape: tuple, num_classes: int) -> dict:
 
 
 def build_flow(cfg: Config, sample_shape: tuple, num_classes: int) -> SolutionFlow:
+    """A new SolutionFlow of `cfg` for data of `sample_shape` and `num_classes` (0: unconditional)."""
     try:
         net = build(cfg.model.net, **network_args(cfg, sample_shape, num_classes))
     except ValueError as e:
@@ -56,6 +57,7 @@ def guidance_scales(cfg: Config):
 
 
 def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    """The optimizer of `cfg.train` (AdamW or RAdam) over `params`."""
     t = cfg.train
     kind = {"adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[t.optimizer.lower()]
     return kind(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)

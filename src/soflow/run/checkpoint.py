@@ -33,6 +33,7 @@ RUN_FOLDERS = ("checkpoints", "exports", "samples")
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
+    """The checkpoints/ folder of a run folder."""
     return Path(run_dir) / "checkpoints"
 
 
@@ -143,6 +144,7 @@ def run_state(step: int, config: dict, sample_shape, num_classes: int, net: dict
 
 
 def save_checkpoint(run_dir: Path, state: dict, keep_last: int, keep_every: int) -> Path:
+    """Write the checkpoint of `state` atomically and prune older ones; returns its path."""
     path = checkpoint_dir(run_dir) / f"ckpt-{state['step']:08d}.pt"
     try:
         atomic_save({"format": FORMAT, **state}, path)
@@ -155,6 +157,7 @@ def save_checkpoint(run_dir: Path, state: dict, keep_last: int, keep_every: int)
 
 
 def prune(run_dir: Path, keep_last: int, keep_every: int, protect: Path) -> None:
+    """Delete checkpoints beyond the newest `keep_last`, keeping multiples of `keep_every` and `protect`."""
     for i, (step, path) in enumerate(list_checkpoints(run_dir)):
         keep = i < keep_last or (keep_every and step % keep_every == 0) or path == protect
         if not keep:
@@ -284,4 +287,5 @@ def write_safetensors(f, state: dict, metadata: dict) -> None:
 
 
 def stderr(msg: str) -> None:
+    """Print one line on stderr at once."""
     print(msg, file=sys.stderr, flush=True)

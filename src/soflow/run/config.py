@@ -23,6 +23,8 @@ from .reference_yaml import from_reference, is_reference
 
 @dataclass
 class ModelConfig:
+    """The `model` section: network, its arguments, noising path and parameterization."""
+
     net: str = "mlp"  # a name from soflow.nets.REGISTRY
     net_args: dict = field(default_factory=dict)  # constructor overrides, e.g. {hidden: 128}
     path: str = "linear"  # noising path: linear | trig
@@ -31,6 +33,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """The `data` section: dataset, its files and how it is read."""
+
     # checkerboard | moons | 8gaussians | spirals | points | fmnist | cifar10 | imagefolder | imagenet-latents
     name: str = "checkerboard"
     path: typing.Optional[str] = None  # data file or folder (points: an [N, D] float .npy)
@@ -44,6 +48,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    """The `train` section: schedule, optimizer, precision, EMA, checkpoints, samples and FID."""
+
     total_steps: int = 20_000  # also K of the middle-time schedule r(k, K)
     batch_size: int = 256  # global, over all ranks and accumulation steps
     grad_accum: int = 1
@@ -168,6 +174,7 @@ def _set(obj, dotted: str, value, prefix: str = "") -> None:
 
 
 def apply(cfg: Config, values: dict) -> Config:
+    """Set the dotted or nested keys of `values` on `cfg` (each checked); returns `cfg`."""
     if not isinstance(values, dict):
         raise ConfigError(f"expected a mapping of config keys, got {type(values).__name__}")
     for k, v in values.items():
@@ -245,6 +252,7 @@ def load(source: str | None = None, overrides: list[str] = (), base: dict | None
 
 
 def dump(cfg: Config) -> str:
+    """`cfg` as the YAML of config.yaml."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 

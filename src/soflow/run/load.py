@@ -220,6 +220,7 @@ def config_differences(old, new, prefix: str = "") -> list[str]:
 
 
 def config_value(config: dict, dotted: str):
+    """The value at dotted key `dotted` of a plain config dict, or None."""
     for part in dotted.split("."):
         config = config.get(part) if isinstance(config, dict) else None
     return config

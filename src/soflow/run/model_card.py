@@ -32,6 +32,7 @@ def pipeline_config(cfg: Config, sample_shape, num_classes: int, step: int | Non
 
 
 def model_card(cfg: Config, info: dict, grid: Path | None) -> str:
+    """The README.md of a saved pipeline: usage, guidance, sample grid and training config."""
     classes = f"{info['num_classes']} classes" if info["num_classes"] else "unconditional"
     lines = [
         "---", "library_name: soflow", "tags:", "- solution-flow", f"- {cfg.method.replace('_', '-')}",

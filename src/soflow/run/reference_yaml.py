@@ -17,6 +17,7 @@ REFERENCE_MODELS = {"UNet": "unet-cifar10", "DiT-B-4": "dit-b4", "DiT-B-2": "dit
 
 
 def is_reference(data: dict) -> bool:
+    """Whether a YAML mapping is a reference implementation config (flat keys)."""
     return "model_type" in data or "noising_type" in data
 
 

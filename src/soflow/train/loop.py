@@ -61,6 +61,7 @@ class _StopSignal:
 
 
 def per_rank_batch(cfg: Config, world: int) -> int:
+    """The micro-batch of each rank: train.batch_size over ranks and accumulation steps (ConfigError if not whole)."""
     t = cfg.train
     if t.batch_size % (world * t.grad_accum):
         raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by {plural(world, 'rank')} x "

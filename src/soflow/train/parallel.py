@@ -14,6 +14,7 @@ from ..distributed import Env
 
 
 def shard(net: nn.Module) -> None:
+    """Shard `net` in place with FSDP, one unit per DiT block and one for the rest."""
     from torch.distributed.fsdp import fully_shard
 
     for block in getattr(net, "blocks", []):  # DiT: one unit per transformer block
@@ -44,6 +45,7 @@ def no_sync(net_call: nn.Module, last: bool):
 
 
 def is_sharded(net: nn.Module) -> bool:
+    """Whether `net` is sharded by FSDP."""
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(net, FSDPModule)
@@ -63,6 +65,7 @@ def full_state(net: nn.Module, optimizer=None) -> tuple[dict, dict | None]:
 
 
 def load_optimizer(net: nn.Module, optimizer, state: dict) -> None:
+    """Load a full optimizer state dict into `optimizer`, sharded or not."""
     if not is_sharded(net):
         optimizer.load_state_dict(state)
         return

@@ -26,6 +26,8 @@ class _NoProgress:
 
 
 class RunLog:
+    """A run's log.txt, metrics.jsonl, progress bar and TensorBoard (rank 0 writes; others are disabled)."""
+
     def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = False):
         self.run_dir, self.enabled = Path(run_dir), enabled
         self.writer = None
