@@ -72,19 +72,6 @@ def source_images(src: str, data_path: str | None = None) -> torch.Tensor:
     return load_images(src)
 
 
-def image_stats(src: str, weights=None, device=None, batch_size: int = 64, data_path=None, with_is: bool = False,
-                dims: str = "2048"):
-    """(mu, sigma, inception score or None, number of images) of an image source; `dims` picks the
-    Inception layer (2048: the pool features of FID; 64, 192, 768: earlier layers)."""
-    features = (dims, "logits_unbiased") if with_is else (dims,)
-    extractor = InceptionFeatures(weights, device=device, batch_size=batch_size, features=features)
-    images = source_images(src, data_path)
-    out = extractor.extract(images)
-    mu, sigma = statistics(out[dims])
-    score = inception_score(out["logits_unbiased"]) if with_is else None
-    return mu, sigma, score, len(images)
-
-
 def fid_reference(src: str, out, weights=None, device=None, batch_size: int = 64, data_path=None,
                   dims: str = "2048", prc: bool = False, sfid: bool = False):
     """Write the reference statistics of an image source to `out` (`soflow fid ref`): mu and sigma
