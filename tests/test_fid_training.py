@@ -117,7 +117,7 @@ def latent_data(tmp_path: Path) -> Path:
 
 def open_fid(cfg, run_dir):
     from soflow.data import make_dataset
-    from soflow.eval.training_fid import TrainingFID
+    from soflow.train.training_fid import TrainingFID
     from soflow import distributed
     from soflow.train.runlog import RunLog
 

@@ -81,7 +81,7 @@ class TrainConfig:
     sample_mode: typing.Optional[str] = None  # sampler of the figures and of FID while training (null: the method's)
     tensorboard: bool = False
     threads: int = 0  # intra-op CPU threads; 0: one for small networks, every core for large ones
-    # FID of EMA samples during training (soflow.eval.training_fid); the first NFE picks best-fid.pt.
+    # FID of EMA samples during training (soflow.train.training_fid); the first NFE picks best-fid.pt.
     fid_every: int = 0  # every N steps and at the last step (0: off)
     fid_num: int = 50_000  # samples per score, spread over the ranks
     fid_nfe: list = field(default_factory=lambda: [1, 2])  # one score per entry: fid_nfe1, fid_nfe2, ...

@@ -20,7 +20,6 @@ from ..data import make_dataset
 from ..data.augment import AugmentPipe
 from ..data.stream import batches
 from ..errors import ConfigError, TrainingError
-from ..eval.training_fid import TrainingFID
 from ..methods import method
 from ..pipeline import Pipeline
 from ..protocols import Objective
@@ -39,6 +38,7 @@ from .previews import write_previews
 from .state import resume, save_run_state
 from .runlog import RunLog, plural
 from .stats import RunningStats, peak_memory_gb
+from .training_fid import TrainingFID
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
