@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from .data import traits
 from .errors import CheckpointError, ConfigError, DataError
 from .methods import Method, method
 from .solution import SolutionFlow
@@ -118,7 +119,7 @@ class Pipeline:
 
     @property
     def is_latent(self) -> bool:
-        return self.config.data.name == "imagenet-latents"
+        return traits(self.config.data.name).latent
 
     @property
     def guidance_scales(self):

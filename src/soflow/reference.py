@@ -101,12 +101,12 @@ def convert_reference_run(checkpoint: str | Path, config: str | Path, out: str |
     from .run.build import build_flow
     from .run.checkpoint import FORMAT, atomic_save, checkpoint_dir, run_state
     from .run.config import dump, load
+    from .run.reference_yaml import REFERENCE_SAMPLES
 
     cfg = load(str(config))
-    data_shape = {"cifar10": (3, 32, 32), "imagenet-latents": (4, 32, 32)}.get(cfg.data.name)
-    if data_shape is None:
+    if cfg.data.name not in REFERENCE_SAMPLES:
         raise CheckpointError(f"{config}: dataset {cfg.data.name!r} is not one of the reference datasets")
-    num_classes = 1000 if cfg.data.name == "imagenet-latents" else 0
+    data_shape, num_classes = REFERENCE_SAMPLES[cfg.data.name]
     path = Path(checkpoint)
     blob = read_reference_blob(path)
     online, ema = network_state(blob, "model", str(path)), network_state(blob, "ema_model", str(path))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from ..data import has_labels  # noqa: F401  (validate asks it here)
 from ..errors import ConfigError
 from ..methods import METHODS
 from .presets import read_yaml, safe_yaml
@@ -35,7 +36,7 @@ class ModelConfig:
 class DataConfig:
     """The `data` section: dataset, its files and how it is read."""
 
-    # checkerboard | moons | 8gaussians | spirals | points | fmnist | cifar10 | imagefolder | imagenet-latents
+    # one of soflow.data.DATASETS: a 2-D toy, points, fmnist, cifar10, imagefolder, imagenet-latents
     name: str = "checkerboard"
     path: typing.Optional[str] = None  # data file or folder (points: an [N, D] float .npy)
     conditional: bool = True  # use the class labels (fmnist, cifar10)
@@ -222,12 +223,6 @@ def _fill_derived(cfg) -> None:
         for name, source in _derived(type(section)).items():
             head, _, key = source.partition(".")
             setattr(section, name, getattr(getattr(cfg, head), key))
-
-
-def has_labels(data: DataConfig) -> bool:
-    """Whether training batches carry class labels (the toys and `points` never do)."""
-    return data.name in ("imagefolder", "imagenet-latents") or (data.name in ("fmnist", "cifar10") and data.conditional)
-
 
 
 def load(source: str | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:

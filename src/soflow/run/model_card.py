@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import __version__
+from ..data import traits
 from .config import Config, dump
 
 # the diffusers name of the VAE the latent recipes were trained with (a reference, not a download)
@@ -26,7 +27,7 @@ def pipeline_config(cfg: Config, sample_shape, num_classes: int, step: int | Non
     }
     if guidance is not None:
         info["guidance"] = guidance
-    if cfg.data.name == "imagenet-latents":
+    if traits(cfg.data.name).latent:
         info["vae"] = {"diffusers_name": SD_VAE, "local_path": vae, "scale": 0.18215}
     return info
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import distributed
-from ..data import make_dataset
+from ..data import make_dataset, traits
 from ..data.augment import AugmentPipe
 from ..data.stream import batches
 from ..errors import ConfigError, TrainingError
@@ -225,7 +225,7 @@ def _start_from(cfg: Config, flow: SolutionFlow, ema: EMA, log: RunLog) -> None:
 def _announce(cfg: Config, env, log: RunLog, threads: int) -> None:
     """The run's config file, and the start-up notes that hold for the whole run."""
     log.save_config(dump(cfg))
-    if cfg.data.name == "imagenet-latents" and not cfg.data.vae:
+    if traits(cfg.data.name).latent and not cfg.data.vae:
         log.warn("warning: no data.vae: latent sample grids are not decoded; set data.vae to see them")
     if env.device.type == "cpu":
         t = cfg.train

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from .. import distributed
+from ..data import traits
 from ..errors import CheckpointError, EvalError
 from ..eval.fid import frechet_distance, load_stats, metric_name
 from ..eval.inception import InceptionFeatures
@@ -95,7 +96,7 @@ class TrainingFID:
                                                features=(str(self.dims),))
         except (ValueError, OSError, RuntimeError) as e:  # a missing torch-fidelity is an EvalError too
             raise EvalError(f"train.fid_inception: {e}") from None
-        if cfg.data.name == "imagenet-latents":  # latents are decoded to pixels before Inception sees them
+        if traits(cfg.data.name).latent:  # latents are decoded to pixels before Inception sees them
             from ..data.vae import load_vae
 
             try:
