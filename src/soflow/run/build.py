@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..data.augment import AUGMENT_DIM
 from ..errors import ConfigError
@@ -31,6 +32,12 @@ def build_flow(cfg: Config, sample_shape: tuple, num_classes: int) -> SolutionFl
     if tuple(net.sample_shape) != tuple(sample_shape):
         raise ConfigError(f"model.net_args: the network takes {tuple(net.sample_shape)} samples but the data "
                           f"has {tuple(sample_shape)}")
+    return solution_flow(cfg, net)
+
+
+def solution_flow(cfg: Config, net: nn.Module) -> SolutionFlow:
+    """`net` as a SolutionFlow with the noising path and parameterization of `cfg.model`: the one place
+    a config makes a SolutionFlow (of a new network in `build_flow`, of the EMA copy in training)."""
     return SolutionFlow(net, cfg.model.path, cfg.model.parameterization)
 
 

@@ -23,7 +23,7 @@ from ..errors import ConfigError, TrainingError
 from ..methods import method
 from ..pipeline import Pipeline
 from ..protocols import Objective
-from ..run.build import build_flow, build_objective, build_optimizer
+from ..run.build import build_flow, build_objective, build_optimizer, solution_flow
 from ..run.checkpoint import export_safetensors, latest_checkpoint, remove_stale_temporaries
 from ..run.config import Config, dump
 from ..run.init import initial_weights, weights_sha256
@@ -177,7 +177,7 @@ def _set_up(cfg: Config, env, run_dir: Path) -> Run:
     return Run(cfg=cfg, env=env, run_dir=run_dir, log=log, data=data, fid=fid, flow=flow, ema=ema,
                net_call=net_call, through_ddp=through_ddp, optimizer=optimizer, objective=objective,
                scaler=scaler, params=params, stream=stream, augment=augment, step=step,
-               preview=Pipeline(SolutionFlow(ema.model, cfg.model.path, cfg.model.parameterization), cfg),
+               preview=Pipeline(solution_flow(cfg, ema.model), cfg),
                last_saved=step if resumed is not None else None)
 
 

@@ -48,6 +48,7 @@ from ..eval.fid import frechet_distance, load_stats, metric_name
 from ..eval.inception import InceptionFeatures
 from ..pipeline import Pipeline
 from ..plots import to_uint8
+from ..run.build import solution_flow
 from ..run.checkpoint import best_fid_paths, read_best_fid, run_state, save_best_fid
 from ..solution import SolutionFlow
 from . import parallel
@@ -113,7 +114,7 @@ class TrainingFID:
         """Score the EMA network (a collective: every rank calls it), log fid_nfeK to the run's
         metrics, and keep checkpoints/best-fid.pt when the first NFE's score is the best so far."""
         started = time.perf_counter()
-        flow_ema = SolutionFlow(ema.model, self.cfg.model.path, self.cfg.model.parameterization)
+        flow_ema = solution_flow(self.cfg, ema.model)
         scores = self.scores(flow_ema)
         self.log.metrics(step, scores, fid_seconds=time.perf_counter() - started)
         record = {"step": step, "metric": self.metric, "score": scores[self.metric], "scores": scores,
