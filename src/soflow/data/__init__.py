@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from ..errors import DataError
 from ..protocols import Dataset
+from .latents import LatentData
 from .toy import TOYS, PointData, ToyData
 
 
@@ -65,8 +66,6 @@ def make_dataset(data_cfg) -> Dataset:
 
         return ImageFolder(data_cfg.path, data_cfg.resolution)
     if name == "imagenet-latents":
-        from .latents import LatentData
-
         return LatentData(data_cfg.path)
     raise DataError(f"data.name: unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from ..data.augment import AUGMENT_DIM
 from ..errors import ConfigError
+from ..guidance import scales_of
 from ..methods import method
 from ..nets import build, data_args
 from ..protocols import Objective
@@ -58,8 +59,6 @@ def guidance_input(cfg: Config) -> bool:
 
 def guidance_scales(cfg: Config):
     """The guidance scales a model of this config honours at sampling time (soflow.guidance)."""
-    from ..guidance import scales_of
-
     return scales_of(build_objective(cfg), method(cfg.method).section)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, UnreadableFile
+from ..safeload import load_torch
 
 FORMAT = "soflow-checkpoint-1"
 NAME = re.compile(r"^ckpt-(\d+)\.pt$")
@@ -166,8 +167,6 @@ def prune(run_dir: Path, keep_last: int, keep_every: int, protect: Path) -> None
 
 def read_checkpoint(path: Path) -> dict:
     """Load one checkpoint file (weights_only) and check it is a soflow run checkpoint."""
-    from ..safeload import load_torch
-
     path = Path(path)
     try:
         blob = load_torch(path)
@@ -232,8 +231,6 @@ def save_best_fid(run_dir: Path, state: dict, record: dict) -> Path:
 def read_best_fid(run_dir: Path) -> dict | None:
     """The "fid" record of checkpoints/best-fid.pt, or None when the run has none.  The file is
     memory-mapped, so its weights are not read."""
-    from ..safeload import load_torch
-
     path, _ = best_fid_paths(run_dir)
     if not path.is_file():
         return None

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, ConfigError, UnreadableFile
+from ..safeload import load_safetensors, safetensors_header
 from ..solution import SolutionFlow
 from ..threads import configure_threads
 from .build import build_flow
@@ -52,8 +53,6 @@ def _load_checkpoint(path: Path, weights: str, warn):
 
 
 def _load_export(path: Path, weights: str):
-    from ..safeload import load_safetensors, safetensors_header
-
     if weights != "ema":
         raise CheckpointError(f"{path}: exports hold EMA weights only; use a checkpoint for --weights online")
     if not path.is_file():

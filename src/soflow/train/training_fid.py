@@ -43,6 +43,7 @@ import torch
 
 from .. import distributed
 from ..data import traits
+from ..data.vae import load_vae
 from ..errors import CheckpointError, EvalError
 from ..eval.fid import frechet_distance, load_stats, metric_name
 from ..eval.inception import InceptionFeatures
@@ -98,8 +99,6 @@ class TrainingFID:
         except (ValueError, OSError, RuntimeError) as e:  # a missing torch-fidelity is an EvalError too
             raise EvalError(f"train.fid_inception: {e}") from None
         if traits(cfg.data.name).latent:  # latents are decoded to pixels before Inception sees them
-            from ..data.vae import load_vae
-
             try:
                 self.vae = load_vae(cfg.data.vae, self.env.device)
             except ValueError as e:
