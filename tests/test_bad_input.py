@@ -206,6 +206,7 @@ def test_every_project_error_is_a_soflow_error():
 
     # one class per kind, still importable from where it was defined before
     assert ReferenceCheckpointError is CheckpointError is errors.CheckpointError
+    assert soflow.SoflowError is errors.SoflowError  # users catch the base class at the top level
     assert (ConfigError, DataError, EvalError, UnreadableFile, TrainingError) == (
         errors.ConfigError, errors.DataError, errors.EvalError, errors.UnreadableFile, errors.TrainingError)
     for kind in (ConfigError, DataError, EvalError, CheckpointError):

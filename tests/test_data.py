@@ -113,6 +113,22 @@ def write_folder(root: Path, per_class=5):
     return root
 
 
+def test_dataset_traits_are_asked_by_name():
+    """Each dataset's traits in one table: which are images, which latents, which carry labels."""
+    from soflow.data import DATASETS, IMAGE_DATASETS, has_labels, traits
+    from soflow.run.config import DataConfig
+
+    assert IMAGE_DATASETS == ("fmnist", "cifar10", "imagefolder", "imagenet-latents")
+    assert DATASETS[-5:] == ("points", *IMAGE_DATASETS) and "checkerboard" in DATASETS
+    assert [n for n in DATASETS if traits(n).latent] == ["imagenet-latents"]
+    for name in (*DATASETS, "no-such-data"):
+        for conditional in (True, False):
+            always = name in ("imagefolder", "imagenet-latents")
+            expected = always or (name in ("fmnist", "cifar10") and conditional)
+            assert has_labels(DataConfig(name=name, conditional=conditional)) == expected, (name, conditional)
+    assert traits("no-such-data") == traits("points")  # no traits; the config check names the choices
+
+
 def test_center_crop_matches_adm_rule():
     img = Image.fromarray(np.arange(100 * 60 * 3, dtype=np.uint32).reshape(60, 100, 3).astype(np.uint8))
     out = center_crop_arr(img, 16)

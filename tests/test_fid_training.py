@@ -29,14 +29,13 @@ UNCONDITIONAL = ["--set", "data.conditional=false", "--set", "objective.cfg_scal
 def fid_files(tmp_path_factory, random_inception_weights):
     """(Fashion-MNIST-like data folder, 64-feature reference statistics of 8 of its images, weights)."""
     from soflow.data.images import fashion_mnist
-    from soflow.eval.fid import save_stats
-    from soflow.eval.run import image_stats
+    from soflow.eval.run import fid_reference
 
     folder = tmp_path_factory.mktemp("fid-training")
     data = fake_fmnist(folder / "fm", n=64)
     np.savez(folder / "real.npz", arr_0=fashion_mnist(str(data)).images[:8].permute(0, 2, 3, 1).numpy())
-    mu, sigma, _, _ = image_stats(str(folder / "real.npz"), random_inception_weights, "cpu", dims="64")
-    return data, save_stats(folder / "ref.npz", mu, sigma), random_inception_weights
+    ref, _ = fid_reference(str(folder / "real.npz"), folder / "ref.npz", random_inception_weights, "cpu", dims="64")
+    return data, ref, random_inception_weights
 
 
 def train_args(run, files, *extra):
@@ -65,14 +64,13 @@ def test_scores_logged_best_checkpoint_kept_and_its_score_survives_resume(tmp_pa
     assert (best["step"], best["metric"], best["score"]) == (first["step"], "fid_nfe1", first["fid_nfe1"])
 
     # best-fid.pt is a checkpoint `soflow sample` reads; its EMA samples score the logged FID as `soflow fid calc` does
-    from soflow.eval.fid import frechet_distance, load_stats
-    from soflow.eval.run import image_stats
+    from soflow.eval.run import fid_against_reference
 
     _, ref, weights = fid_files
     soflow("sample", "--checkpoint", run / "checkpoints" / "best-fid.pt", "-n", "8", "--nfe", "1", "--seed", "0",
            "--out", tmp_path / "best.npz", check=True)
-    mu, sigma, _, _ = image_stats(str(tmp_path / "best.npz"), weights, "cpu", dims="64")
-    assert frechet_distance(mu, sigma, *load_stats(ref)) == pytest.approx(best["score"], rel=1e-6)
+    scored = fid_against_reference(str(tmp_path / "best.npz"), ref, weights, "cpu", dims="64")
+    assert scored["fid"] == pytest.approx(best["score"], rel=1e-6)
 
     # scoring does not touch the training random streams: the same weights as a run without FID
     plain = tmp_path / "plain"
@@ -119,7 +117,7 @@ def latent_data(tmp_path: Path) -> Path:
 
 def open_fid(cfg, run_dir):
     from soflow.data import make_dataset
-    from soflow.eval.training_fid import TrainingFID
+    from soflow.train.training_fid import TrainingFID
     from soflow import distributed
     from soflow.train.runlog import RunLog
 

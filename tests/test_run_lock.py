@@ -7,9 +7,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+import torch
 
 from helpers import TINY, assert_one_line_error, soflow
+from soflow import Pipeline
 from soflow.run.config import ConfigError
 from soflow.train.lock import RunLock
 
@@ -81,6 +84,10 @@ def test_sample_needs_no_lock(tmp_path):
     soflow("train", "--config", "toy2d", "--run-dir", run, *TINY, "--set", "train.total_steps=5", check=True)
     with RunLock(run):
         soflow("sample", "--checkpoint", run, "--num", "16", "--out", tmp_path / "x.npy", check=True)
+    # the file holds the run's samples, as its pipeline draws them (--nfe 1 and --seed 0 by default)
+    written = torch.from_numpy(np.load(tmp_path / "x.npy"))
+    assert written.shape == (16, 2) and bool(written.isfinite().all())
+    assert torch.equal(written, Pipeline.from_pretrained(run).sample(16, 1, seed=0))
 
 
 def test_lock_written_on_another_host_is_taken_with_a_warning_that_says_what_it_means(tmp_path):

@@ -27,6 +27,8 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass
 class Env:
+    """This process's place in the run: rank, number of ranks (world) and device."""
+
     rank: int
     world: int
     device: torch.device
@@ -119,12 +121,14 @@ def _poll(read, done, timeout: float):
 
 
 def teardown(env: Env) -> None:
+    """End the process group after a last barrier (nothing for one process)."""
     if env.distributed and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 
 def all_gather_objects(env: Env, obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank (a collective)."""
     if not env.distributed:
         return [obj]
     out = [None] * env.world
@@ -133,6 +137,7 @@ def all_gather_objects(env: Env, obj) -> list:
 
 
 def mean_over_ranks(env: Env, values: torch.Tensor) -> torch.Tensor:
+    """The mean of `values` over the ranks (a collective); `values` itself on one rank."""
     if env.distributed:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.AVG if env.device.type == "cuda" else dist.ReduceOp.SUM)
@@ -163,5 +168,6 @@ class SharedFlag:
 
 
 def barrier(env: Env) -> None:
+    """Wait for every rank (nothing for one process)."""
     if env.distributed:
         dist.barrier()

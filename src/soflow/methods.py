@@ -34,6 +34,8 @@ def _nothing(loss: Objective, step: int) -> dict:
 
 @dataclass(frozen=True)
 class Method:
+    """A training method: its loss, config section, sampling modes and training constraints."""
+
     name: str
     loss: type  # dataclass: its fields are the config section `section`
     section: str
@@ -81,6 +83,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 
 
 def method(name: str) -> Method:
+    """The registered method `name` (ConfigError naming the choices if unknown)."""
     if name not in METHODS:
         raise ConfigError(f"unknown training method {name!r}; choose one of {', '.join(METHODS)}")
     return METHODS[name]

@@ -126,10 +126,12 @@ def _lookup(table: dict, name: str, what: str):
 
 
 def make_path(name: str) -> LinearPath | TrigPath:
+    """The noising path `name` (linear or trig)."""
     return _lookup(PATHS, name, "noising path")
 
 
 def make_parameterization(name: str) -> EulerParameterization | TrigParameterization:
+    """The parameterization `name` (euler or trig)."""
     return _lookup(PARAMETERIZATIONS, name, "parameterization")
 
 

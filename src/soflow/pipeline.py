@@ -19,8 +19,18 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from .data import traits
+from .data.vae import decode as decode_latents
+from .data.vae import load_vae
 from .errors import CheckpointError, ConfigError, DataError
 from .methods import Method, method
+from .plots import image_grid, scatter_panels, to_uint8
+from .run.build import guidance_scales as config_guidance_scales
+from .run.build import guided_training
+from .run.checkpoint import export_safetensors
+from .run.load import load_run
+from .run.model_card import model_card, pipeline_config
+from .sampling import guidance_problem as sampler_guidance_problem
 from .solution import SolutionFlow
 
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, GRID_FILE = "config.json", "model.safetensors", "README.md", "samples.png"
@@ -51,8 +61,6 @@ class Pipeline:
         A pipeline folder or export is read as a stranger's file: the weights' metadata is the
         authoritative config (a config.json that disagrees with it is refused), and its data.vae is
         followed only when it lies inside the folder; give `vae` otherwise."""
-        from .run.load import load_run
-
         source, folder = Path(source), None
         if source.is_dir() and (source / CONFIG_FILE).is_file():
             folder, source = source, source / WEIGHTS_FILE
@@ -76,9 +84,6 @@ class Pipeline:
         config in the metadata), README.md (a model card with the training config) and, unless
         grid=False, samples.png (a grid of 1-NFE samples, shown in the card).  A folder that
         already holds files is refused unless overwrite=True."""
-        from .run.checkpoint import export_safetensors
-        from .run.model_card import model_card
-
         folder = Path(folder)
         if folder.exists() and not folder.is_dir():
             raise ConfigError(f"{folder}: is a file, not a folder; give a new or empty folder")
@@ -96,8 +101,6 @@ class Pipeline:
         return folder
 
     def _write_grid(self, path: Path) -> Path | None:
-        from .plots import image_grid, scatter_panels
-
         k = self.flow.num_classes
         if self.is_points:
             return scatter_panels(path, {"1 NFE": self.sample(2000, 1)[:, :2]})
@@ -118,24 +121,19 @@ class Pipeline:
 
     @property
     def is_latent(self) -> bool:
-        return self.config.data.name == "imagenet-latents"
+        return traits(self.config.data.name).latent
 
     @property
     def guidance_scales(self):
         """The guidance scales this model honours (soflow.guidance.GuidanceScales)."""
-        from .run.build import guidance_scales
-
-        return guidance_scales(self.config)
+        return config_guidance_scales(self.config)
 
     def guidance_problem(self, guidance: float | None) -> str | None:
         """Why this model cannot be sampled at classifier-free guidance scale `guidance` (None: it can)."""
-        from .run.build import guided_training
-        from .sampling import guidance_problem
-
         scales = self.guidance_scales
         problem = scales.problem(guidance)
         if problem is None and scales.kind == "sampling" and guidance is not None:
-            problem = guidance_problem(self.flow, guidance, trained_with_dropout=guided_training(self.config))
+            problem = sampler_guidance_problem(self.flow, guidance, trained_with_dropout=guided_training(self.config))
         return problem
 
     def sampler_guidance(self, guidance: float | None) -> float:
@@ -190,8 +188,6 @@ class Pipeline:
             raise DataError(f"the model's data.vae {self._unfollowed_vae} is not followed: a downloaded model "
                             "names no folder outside its own; pass the SD-VAE folder with --vae (vae= in Python)")
         if self._vae is None:
-            from .data.vae import load_vae
-
             self._vae = load_vae(self.vae_path, next(self.flow.parameters()).device)
         return self._vae
 
@@ -199,9 +195,7 @@ class Pipeline:
         """Latents -> images in [-1, 1] with the VAE; other samples unchanged."""
         if not self.is_latent:
             return x
-        from .data.vae import decode
-
-        return decode(self.vae, x.float())
+        return decode_latents(self.vae, x.float())
 
 
 # config.json keys that describe the network; the weights' metadata decides them
@@ -211,8 +205,6 @@ NETWORK_KEYS = ("method", "network", "network_args", "path", "parameterization",
 def pipeline_info(cfg, flow: SolutionFlow, step: int | None, vae: str | None = None,
                   guidance: dict | None = None) -> dict:
     """The config.json of a pipeline of `flow` trained with `cfg` (`guidance`: the scales it honours)."""
-    from .run.model_card import pipeline_config
-
     return pipeline_config(cfg, flow.net.sample_shape, flow.num_classes, step, vae, guidance)
 
 
@@ -246,7 +238,5 @@ def vae_inside(vae: str, folder: Path) -> str | None:
 def to_pil(images: Tensor) -> list:
     """Images in [-1, 1], [N, C, H, W] -> a list of PIL images (grey for one channel)."""
     from PIL import Image
-
-    from .plots import to_uint8
 
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in to_uint8(images)]

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .methods import method as method_named
+
 
 def _pyplot():
     import matplotlib
@@ -31,9 +33,7 @@ def sample_title(method: str, nfe: int, mode: str | None = None, step: int | Non
     counts steps; Heun's method spends two evaluations on each step but the last.
     """
     if mode is None:
-        from .methods import method as lookup
-
-        mode = lookup(method).modes[0]
+        mode = method_named(method).modes[0]
     if mode == "heun":
         parts = [f"{2 * nfe - 1} NFE", f"heun, {plural(nfe, 'step')}"]
     else:

@@ -8,12 +8,19 @@ checks every name and shape; anything else is an error naming the first offendin
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from torch import Tensor, nn
 
 from .errors import CheckpointError, UnreadableFile
+from .nets import DiT, SongUNet, build, canonical_name
 from .nets.registry import load_into  # noqa: F401  (part of this module's API)
+from .run.build import build_flow, build_optimizer
+from .run.checkpoint import FORMAT, atomic_save, checkpoint_dir, run_state
+from .run.config import dump, load
+from .run.reference_yaml import REFERENCE_SAMPLES
+from .safeload import load_torch
 from .sit import load_sit_network  # noqa: F401
 
 PREFIX = "network."
@@ -25,8 +32,6 @@ def read_reference_blob(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    from .safeload import load_torch
-
     try:
         blob = load_torch(path)
     except UnreadableFile as e:  # holds objects beyond tensors (possibly code), truncated, or not a torch file
@@ -40,6 +45,7 @@ def read_reference_blob(path: str | Path) -> dict:
 
 
 def network_state(blob: dict, which: str, source: str) -> dict[str, Tensor]:
+    """The network tensors of the `which` entry of a reference checkpoint dict, prefix stripped."""
     if which not in blob:
         raise CheckpointError(f"{source}: no {which!r} entry (found {', '.join(map(str, blob))})")
     return strip_prefix(blob[which], source=source)
@@ -51,6 +57,7 @@ def read_reference_checkpoint(path: str | Path, which: str = "ema_model") -> dic
 
 
 def strip_prefix(state: dict[str, Tensor], source: str = "state dict") -> dict[str, Tensor]:
+    """A reference state dict with the `network.` prefix taken off every name."""
     if not state or not all(k.startswith(PREFIX) for k in state):
         raise CheckpointError(f"{source}: expected every tensor name to start with {PREFIX!r}")
     return {k[len(PREFIX):]: v for k, v in state.items()}
@@ -58,8 +65,6 @@ def strip_prefix(state: dict[str, Tensor], source: str = "state dict") -> dict[s
 
 def network_from_reference_args(kind: str, args: dict) -> nn.Module:
     """Build the soflow network for the reference constructor arguments of a DiT or SongUNet."""
-    from .nets import DiT, SongUNet
-
     args = dict(args)
     if kind == "dit":
         if args.pop("learn_sigma", False):
@@ -80,8 +85,6 @@ def load_reference_network(path: str | Path, model_type: str, which: str = "ema_
     """A registry network (`model_type` as in the reference configs, e.g. 'DiT-XL-2' or 'UNet')
     with the weights of a reference checkpoint.  A DiT's null-class row is inferred from the
     checkpoint's label table."""
-    from .nets import build, canonical_name
-
     state = read_reference_checkpoint(path, which)
     name = canonical_name(model_type)
     table = state.get("y_embedder.embedding_table.weight")
@@ -96,15 +99,10 @@ def convert_reference_run(checkpoint: str | Path, config: str | Path, out: str |
     Model, EMA and optimizer state carry over: `soflow train` continues the run with its Adam/RAdam
     moments and step counts, from the reference's `finished_steps`, so on the same schedule r(k, K).
     """
-    from .run.build import build_flow
-    from .run.checkpoint import FORMAT, atomic_save, checkpoint_dir, run_state
-    from .run.config import dump, load
-
     cfg = load(str(config))
-    data_shape = {"cifar10": (3, 32, 32), "imagenet-latents": (4, 32, 32)}.get(cfg.data.name)
-    if data_shape is None:
+    if cfg.data.name not in REFERENCE_SAMPLES:
         raise CheckpointError(f"{config}: dataset {cfg.data.name!r} is not one of the reference datasets")
-    num_classes = 1000 if cfg.data.name == "imagenet-latents" else 0
+    data_shape, num_classes = REFERENCE_SAMPLES[cfg.data.name]
     path = Path(checkpoint)
     blob = read_reference_blob(path)
     online, ema = network_state(blob, "model", str(path)), network_state(blob, "ema_model", str(path))
@@ -136,8 +134,6 @@ def convert_optimizer(state, net: nn.Module, reference_order: list[str], cfg, so
     keys of its `model` state dict).  The moments are checked against the parameters' shapes and
     the param-group hyperparameters against the config; an empty state gives {} (a fresh optimizer).
     """
-    from .run.build import build_optimizer
-
     if state is None or state == {}:
         return {}
     if not isinstance(state, dict) or not isinstance(state.get("state"), dict) \
@@ -179,8 +175,6 @@ def convert_optimizer(state, net: nn.Module, reference_order: list[str], cfg, so
 
 
 def _check_hyperparameters(saved: dict, own: dict, kind: str, source: str) -> None:
-    import math
-
     # Adam and AdamW groups carry `amsgrad`, RAdam's never do (torch 2.0 onwards).
     if ("amsgrad" in saved) != ("amsgrad" in own):
         theirs, fix = ("Adam(W)", "adamw") if "amsgrad" in saved else ("RAdam", "radam")

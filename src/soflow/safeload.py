@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from .errors import UnreadableFile
 
@@ -85,8 +86,6 @@ def load_torch(path: str | Path, mmap: bool = False, allow: tuple[type, ...] = (
 def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file on the CPU; any failure is :class:`UnreadableFile`."""
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
             return {k: f.get_tensor(k) for k in f.keys()}, meta
@@ -100,8 +99,6 @@ def safetensors_header(path: str | Path) -> tuple[dict[str, str], dict[str, tupl
     safetensors parser checks that every tensor's byte range lies inside the file, so the shapes
     are bounded by the file's size.  Any failure is :class:`UnreadableFile`."""
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
             shapes = {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -31,6 +32,12 @@ from .solution import SolutionFlow
 SOLUTION_MODES = ("renoise", "chain")
 ODE_METHODS = ("euler", "heun")
 MODES = SOLUTION_MODES + ODE_METHODS
+
+# what `labels` may be: None (random classes of a class-conditional model), one class id for every
+# sample, or one id per sample (a tensor, array or sequence); `device`: where the samples are drawn
+# (None: the model's device)
+Labels = int | Sequence[int] | np.ndarray | Tensor | None
+Device = str | torch.device | None
 
 
 def draw_inputs(shape: tuple, draws: int, num_classes: int, seed: int, indices) -> tuple[Tensor, Tensor | None]:
@@ -124,6 +131,7 @@ def _in_batches(model: SolutionFlow, n: int, draws: int, seed: int, labels, batc
 @torch.no_grad()
 def run_sampler(model: SolutionFlow, noise: Tensor, nfe: int, labels: Tensor | None, mode: str,
                 guidance: float) -> Tensor:
+    """The solution sampler on one batch of per-sample noise [b, draws, ...]: `nfe` steps in `mode`."""
     grid = [1 - i / nfe for i in range(nfe + 1)]
     x = noise[:, 0]
     for i in range(nfe):
@@ -141,6 +149,7 @@ def run_sampler(model: SolutionFlow, noise: Tensor, nfe: int, labels: Tensor | N
 
 @contextlib.contextmanager
 def eval_mode(module: torch.nn.Module):
+    """Context manager: `module` in eval mode inside, its former mode restored after."""
     was = module.training
     module.eval()
     try:
@@ -164,8 +173,8 @@ def _requested_labels(labels, n: int, num_classes: int) -> Tensor | None:
     return labels
 
 
-def sample(model: SolutionFlow, n: int, nfe: int = 1, *, seed: int = 0, labels=None, mode: str = "renoise",
-           guidance: float = 1.0, batch_size: int = 256, first_index: int = 0, device=None) -> Tensor:
+def sample(model: SolutionFlow, n: int, nfe: int = 1, *, seed: int = 0, labels: Labels = None, mode: str = "renoise",
+           guidance: float = 1.0, batch_size: int = 256, first_index: int = 0, device: Device = None) -> Tensor:
     """Draw n samples with `nfe` network evaluations (x2 with guidance != 1, unless the network
     takes the guidance scale as an input: then w goes into every forward, one per step).
 
@@ -210,8 +219,8 @@ def run_ode(model: SolutionFlow, x: Tensor, steps: int, labels: Tensor | None, m
     return x
 
 
-def ode_sample(model: SolutionFlow, n: int, steps: int, *, method: str = "euler", seed: int = 0, labels=None,
-               guidance: float = 1.0, batch_size: int = 256, first_index: int = 0, device=None) -> Tensor:
+def ode_sample(model: SolutionFlow, n: int, steps: int, *, method: str = "euler", seed: int = 0, labels: Labels = None,
+               guidance: float = 1.0, batch_size: int = 256, first_index: int = 0, device: Device = None) -> Tensor:
     """Draw n samples by integrating the model velocity from t = 1 (noise) to t = 0 in `steps` steps.
 
     method: "euler" (NFE = steps) or "heun" (NFE = 2 steps - 1: the last step is Euler).  With

@@ -16,6 +16,7 @@ SMALL_NETWORK = 1_000_000  # parameters; the toy MLPs have ~1e4-1e5, the CPU-siz
 
 
 def available_cores() -> int:
+    """The number of CPU cores this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux

@@ -31,6 +31,7 @@ PATH_ERRNOS = (errno.ENAMETOOLONG, errno.ELOOP)  # a name too long, a loop of sy
 
 
 def main(argv=None) -> int:
+    """Run the `soflow` command line on `argv` (default: sys.argv); returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

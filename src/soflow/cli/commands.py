@@ -10,6 +10,7 @@ from ..errors import ConfigError
 
 
 def cmd_train(args) -> int:
+    """`soflow train`: train or resume the run in --run-dir."""
     from ..run.config import dump, load
     from ..run.folder import check_run_dir
     from ..run.presets import read_yaml
@@ -44,6 +45,7 @@ def check_init(cfg, run_dir: Path) -> None:
 
 
 def cmd_fid(args) -> int:
+    """`soflow fid ref | calc`: write reference statistics, or score images against them."""
     import json
 
     from ..eval.run import fid_against_reference, fid_reference
@@ -62,6 +64,7 @@ def cmd_fid(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    """`soflow eval points | fmnist`: score a trained run and print the result as JSON."""
     import json
     import math
 
@@ -93,6 +96,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_encode_latents(args) -> int:
+    """`soflow encode-latents`: encode an image folder to SD-VAE latents."""
     from ..data.images import ImageFolder
     from ..data.vae import encode_latents
     from ..distributed import setup, teardown
@@ -109,6 +113,7 @@ def cmd_encode_latents(args) -> int:
 
 
 def cmd_convert_reference(args) -> int:
+    """`soflow convert-reference`: a run folder from a reference checkpoint and its YAML."""
     from ..reference import convert_reference_run
 
     out = convert_reference_run(args.checkpoint, args.config, args.out)

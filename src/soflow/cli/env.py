@@ -25,6 +25,7 @@ VARIABLES = ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NCCL
 
 
 def collect() -> dict:
+    """The facts `soflow env` reports: versions, devices, threads, backends, packages, variables."""
     return {"soflow": __version__, "python": platform.python_version(), "platform": platform.platform(),
             "torch": torch.__version__, **_cuda_stack(), "devices": _devices(), "threads": _threads(),
             "distributed": _backends(), "packages": _packages(), "environment": _variables()}
@@ -107,6 +108,7 @@ def report(info: dict) -> str:
 
 
 def cmd_env(args) -> int:
+    """`soflow env`: print the environment report (JSON with --json)."""
     info = collect()
     print(json.dumps(info, indent=1) if args.json else report(info))
     return 0

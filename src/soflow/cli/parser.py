@@ -26,6 +26,7 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def command(parent, name, help, description, examples):
+    """A sub-command parser of `parent` with its help, description and examples."""
     return parent.add_parser(name, help=help, description=description, formatter_class=Formatter,
                              epilog="examples:\n" + "\n".join(f"  {line}" for line in examples))
 
@@ -37,6 +38,7 @@ def _checkpoint_argument(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `soflow` argument parser with every sub-command."""
     p = argparse.ArgumentParser(
         prog="soflow", formatter_class=Formatter,
         description="Solution Flow Models (SoFlow): train one-step generative models, draw samples with one or a\n"

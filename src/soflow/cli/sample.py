@@ -47,6 +47,7 @@ def cmd_sample(args) -> int:
 
 
 def check_arguments(args) -> None:
+    """Check the `soflow sample` arguments before a model is opened (one ConfigError line)."""
     from ..distributed import DEVICES
     from ..run.folder import too_long, unwritable
     from ..writers import OUT_NAME_EXTRA
@@ -67,6 +68,7 @@ def check_arguments(args) -> None:
 
 
 def check_seed(seed: int) -> None:
+    """Refuse a negative --seed."""
     if seed < 0:
         raise ConfigError(f"--seed must be 0 or more, got {seed}")
 

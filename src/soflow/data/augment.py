@@ -121,6 +121,8 @@ def apply_geometric(images: Tensor, G_inv: Tensor) -> Tensor:
 
 
 class AugmentParams(NamedTuple):
+    """The augmentation drawn for each image of a batch."""
+
     flip: Tensor    # [N] bool, flip horizontally
     G_inv: Tensor   # [N, 3, 3] float64, output -> input pixel coordinates (centred)
     active: Tensor  # [N] bool, some geometric parameter is non-zero

@@ -78,6 +78,7 @@ def _find(folder: Path, stem: str) -> Path:
 
 
 def fashion_mnist(path: str | None = None, split: str = "train") -> ImageData:
+    """Fashion-MNIST's `split` (train or test) from the IDX files in `path` (default: the Debian folder)."""
     folder = Path(path or FASHION_MNIST_DIR)
     prefix = "train" if split == "train" else "t10k"
     images_file, labels_file = _find(folder, f"{prefix}-images-idx3-ubyte"), _find(folder, f"{prefix}-labels-idx1-ubyte")
@@ -167,6 +168,7 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cifar10(path: str | None, split: str = "train") -> ImageData:
+    """CIFAR-10's `split` (train or test) from the folder of its python batches."""
     if not path:
         raise DataError("data.name=cifar10 needs data.path: the folder of the CIFAR-10 python batches")
     folder = Path(path)

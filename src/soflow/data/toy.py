@@ -37,6 +37,7 @@ def moons(n: int, g: torch.Generator, noise: float = 0.05) -> Tensor:
 
 
 def eight_gaussians(n: int, g: torch.Generator, radius: float = 2.0, std: float = 0.15) -> Tensor:
+    """n points from eight Gaussians of std `std` evenly spaced on a circle of `radius`."""
     k = torch.randint(8, (n,), generator=g).float()
     centers = radius * torch.stack([torch.cos(k * math.pi / 4), torch.sin(k * math.pi / 4)], dim=1)
     return centers + std * torch.randn(n, 2, generator=g)

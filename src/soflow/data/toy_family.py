@@ -74,25 +74,30 @@ MULTISCALE_BLOBS = [(-0.6, 0.5), (0.1, -0.7), (0.7, 0.3)]
 
 
 def gmm_scales(n: int, g: torch.Generator) -> Tensor:
+    """n points of `gmm_scales`: one wide Gaussian and four blobs of growing std (module docstring)."""
     return _mixture(n, g, [0.5] + [0.125] * 4, [_blob(c, s) for c, s in GMM_SCALES]).float()
 
 
 def gmm_grid(n: int, g: torch.Generator) -> Tensor:
+    """n points of `gmm_grid`: 25 Gaussians of std 0.05 on a 5x5 grid."""
     k = torch.randint(25, (n,), generator=g)
     centers = torch.stack([k % 5, k // 5], dim=1).double() - 2
     return (centers + 0.05 * torch.randn(n, 2, generator=g, dtype=torch.float64)).float()
 
 
 def ring_gap(n: int, g: torch.Generator) -> Tensor:
+    """n points of `ring_gap`: a thin ring of radius 1.5 with a 60-degree gap."""
     return _ring(n, g, 1.5, 0.03, gap_center=0.0, gap=math.radians(60)).float()
 
 
 def rings(n: int, g: torch.Generator) -> Tensor:
+    """n points of `rings`: two concentric thin rings of radius 0.7 and 1.8."""
     return _mixture(n, g, [1 / 3, 2 / 3], [lambda n, g: _ring(n, g, 0.7, 0.03),
                                            lambda n, g: _ring(n, g, 1.8, 0.03)]).float()
 
 
 def spiral(n: int, g: torch.Generator) -> Tensor:
+    """n points of `spiral`: one Archimedean arm over two turns."""
     return _arm(n, g, 0.2, 2.2, 2.0, 0.04).float()
 
 
@@ -120,6 +125,7 @@ def _segment(a: tuple[float, float], b: tuple[float, float], std: float):
 
 
 def thin(n: int, g: torch.Generator) -> Tensor:
+    """n points of `thin`: a circle and two crossing segments, about 0.01 wide."""
     # mass in proportion to length: circle 2 pi 1.7 = 10.7, each diagonal 2 sqrt 2 = 2.8
     return _mixture(n, g, [0.65, 0.175, 0.175], [lambda n, g: _ring(n, g, 1.7, 0.005),
                                                  _segment((-1, -1), (1, 1), 0.005),
@@ -127,6 +133,7 @@ def thin(n: int, g: torch.Generator) -> Tensor:
 
 
 def multiscale(n: int, g: torch.Generator) -> Tensor:
+    """n points of `multiscale`: a ring with a gap, three small blobs and a spiral arm."""
     parts = [lambda n, g: _ring(n, g, 1.8, 0.03, gap_center=math.pi / 4, gap=math.radians(70))]
     parts += [_blob(c, 0.03) for c in MULTISCALE_BLOBS]
     parts += [lambda n, g: _arm(n, g, 0.3, 1.3, 1.0, 0.03)]

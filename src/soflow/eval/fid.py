@@ -88,6 +88,11 @@ def statistics(features) -> Stats:
     return f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
 
 
+def metric_name(nfe: int, guidance: float | None = None) -> str:
+    """The metrics key of the FID at `nfe` and guidance scale `guidance`: fid_nfe1, fid_nfe2_w1.5, ..."""
+    return f"fid_nfe{nfe}" if guidance is None else f"fid_nfe{nfe}_w{guidance:g}"
+
+
 def save_stats(path: str | Path, mu, sigma, *, mu_s=None, sigma_s=None, features=None) -> Path:
     """Write ``mu`` and ``sigma`` (float64) to an ``.npz`` file (the suffix is added if missing);
     optionally the spatial statistics ``mu_s``, ``sigma_s`` (sFID) and the ``features`` [N, D]

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 WEIGHTS = Path(__file__).parent / "weights" / "fmnist_classifier.safetensors"
@@ -34,8 +35,7 @@ class FashionClassifier(nn.Module):
 
 
 def load_classifier(path: str | Path = WEIGHTS, device="cpu") -> FashionClassifier:
-    from safetensors.torch import load_file
-
+    """The shipped Fashion-MNIST classifier, in eval mode on `device`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing classifier weights; run scripts/train_fmnist_classifier.py")

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import EvalError, UnreadableFile
+from ..safeload import load_safetensors, load_torch
 from .images import _check_images, _first_line
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -41,8 +42,6 @@ def load_inception_weights(path: str | Path) -> dict[str, Tensor]:
     """The named tensors of an InceptionV3 weights file: a torch file (read with
     ``weights_only=True``: tensors and plain values only, no code runs) or a ``.safetensors`` file.
     Anything else is a one-line :class:`EvalError` naming the file."""
-    from ..safeload import load_safetensors, load_torch
-
     path = Path(path)
     try:
         state = load_safetensors(path)[0] if path.suffix == ".safetensors" else load_torch(path)

@@ -10,7 +10,9 @@ import torch
 from ..data import make_dataset
 from ..errors import EvalError
 from ..pipeline import Pipeline
+from ..run.config import DataConfig
 from .fid import PRC_K, frechet_distance, inception_score, load_features, load_stats, precision_recall, save_stats, statistics
+from .fmnist import features_and_predictions, load_classifier
 from .images import load_images, npz_keys
 from .inception import LAYER_DIMS, SPATIAL, InceptionFeatures
 from .points import energy_distance, sliced_wasserstein2
@@ -46,8 +48,6 @@ def eval_fmnist(checkpoint, nfe: int, per_class: int = 100, seed: int = 0, data_
 def fmnist_scores(images: torch.Tensor, labels: torch.Tensor, data_path=None) -> dict:
     """Frechet distance in the shipped classifier's penultimate features between images in [-1, 1]
     [N, 1, 28, 28] and the real test split, and the classifier's accuracy on their labels."""
-    from .fmnist import features_and_predictions, load_classifier
-
     feats, preds = features_and_predictions(load_classifier(), images)
     return {"num": len(labels), "classifier_fd": frechet_distance(*statistics(feats), *_fmnist_test_statistics(data_path)),
             "class_accuracy": (preds == labels).float().mean().item()}
@@ -56,8 +56,7 @@ def fmnist_scores(images: torch.Tensor, labels: torch.Tensor, data_path=None) ->
 @functools.lru_cache(maxsize=2)
 def _fmnist_test_statistics(data_path=None):
     """Classifier-feature statistics of the real test split, computed once per folder and process."""
-    from ..data.images import fashion_mnist, to_float
-    from .fmnist import features_and_predictions, load_classifier
+    from ..data.images import fashion_mnist, to_float  # reads PIL, which nothing else here needs
 
     ref_feats, _ = features_and_predictions(load_classifier(), to_float(fashion_mnist(data_path, "test").images))
     return statistics(ref_feats)
@@ -66,23 +65,8 @@ def _fmnist_test_statistics(data_path=None):
 def source_images(src: str, data_path: str | None = None) -> torch.Tensor:
     """uint8 NCHW images from a folder, an ADM-style .npz, or a dataset name (fmnist, cifar10)."""
     if src in ("fmnist", "cifar10"):
-        from ..run.config import DataConfig
-
         return make_dataset(DataConfig(name=src, path=data_path)).images
     return load_images(src)
-
-
-def image_stats(src: str, weights=None, device=None, batch_size: int = 64, data_path=None, with_is: bool = False,
-                dims: str = "2048"):
-    """(mu, sigma, inception score or None, number of images) of an image source; `dims` picks the
-    Inception layer (2048: the pool features of FID; 64, 192, 768: earlier layers)."""
-    features = (dims, "logits_unbiased") if with_is else (dims,)
-    extractor = InceptionFeatures(weights, device=device, batch_size=batch_size, features=features)
-    images = source_images(src, data_path)
-    out = extractor.extract(images)
-    mu, sigma = statistics(out[dims])
-    score = inception_score(out["logits_unbiased"]) if with_is else None
-    return mu, sigma, score, len(images)
 
 
 def fid_reference(src: str, out, weights=None, device=None, batch_size: int = 64, data_path=None,

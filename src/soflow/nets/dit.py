@@ -48,10 +48,13 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN modulation x (1 + scale) + shift, one shift and scale per sample."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 class TimestepEmbedder(nn.Module):
+    """Emb_t(t): sinusoidal features of a time through a two-layer MLP."""
+
     def __init__(self, hidden: int, freq_dim: int = 256):
         super().__init__()
         self.freq_dim = freq_dim
@@ -104,6 +107,8 @@ class LabelEmbedder(nn.Module):
 
 
 class PatchEmbed(nn.Module):
+    """Image [B, C, H, W] to a token sequence [B, (H/p)(W/p), hidden] by a p x p strided convolution."""
+
     def __init__(self, patch: int, in_channels: int, hidden: int):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, hidden, kernel_size=patch, stride=patch)
@@ -124,6 +129,8 @@ def math_attention():
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention through `scaled_dot_product_attention`."""
+
     def __init__(self, hidden: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
@@ -138,6 +145,8 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """The transformer block's two-layer MLP with tanh-approximated GELU."""
+
     def __init__(self, hidden: int, inner: int):
         super().__init__()
         self.fc1 = nn.Linear(hidden, inner)
@@ -166,6 +175,8 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
+    """adaLN-modulated norm and a linear map from each token to its patch of the output."""
+
     def __init__(self, hidden: int, patch: int, out_channels: int):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)

@@ -39,6 +39,7 @@ ALIASES = {"DiT-B-4": "dit-b4", "DiT-B-2": "dit-b2", "DiT-M-2": "dit-m2", "DiT-L
 
 
 def canonical_name(name: str) -> str:
+    """The registry key of a network name or reference alias (ConfigError if unknown)."""
     key = ALIASES.get(name, str(name).lower())
     if key not in REGISTRY:
         raise ConfigError(f"unknown network {name!r}; choose one of {', '.join(sorted(REGISTRY))}")

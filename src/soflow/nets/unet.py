@@ -24,6 +24,8 @@ def _init_weight(shape, mode: str, fan_in: int, fan_out: int) -> Tensor:
 
 
 class Linear(nn.Module):
+    """Linear layer with EDM's weight initialisation, computed in the input's dtype."""
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  init_mode: str = "kaiming_normal", init_weight: float = 1.0, init_bias: float = 0.0):
         super().__init__()
@@ -67,6 +69,8 @@ class Conv2d(nn.Module):
 
 
 class GroupNorm(nn.Module):
+    """Group norm with at least `min_channels_per_group` channels per group (EDM), in the input's dtype."""
+
     def __init__(self, num_channels: int, num_groups: int = 32, min_channels_per_group: int = 4, eps: float = 1e-5):
         super().__init__()
         self.num_groups = min(num_groups, num_channels // min_channels_per_group)

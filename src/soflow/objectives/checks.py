@@ -8,22 +8,26 @@ from numbers import Real
 
 
 def number(name: str, value) -> float:
+    """`value` as a float; ValueError naming `name` unless it is a finite real number."""
     if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value):
         raise ValueError(f"{name}: must be a finite number, got {value!r}")
     return float(value)
 
 
 def positive(name: str, value) -> None:
+    """ValueError naming `name` unless `value` is a finite number > 0."""
     if number(name, value) <= 0:
         raise ValueError(f"{name}: must be positive, got {value}")
 
 
 def non_negative(name: str, value) -> None:
+    """ValueError naming `name` unless `value` is a finite number >= 0."""
     if number(name, value) < 0:
         raise ValueError(f"{name}: must be 0 or more, got {value}")
 
 
 def in_unit_interval(name: str, value, why: str = "") -> None:
+    """ValueError naming `name` unless `value` lies in [0, 1] (`why` is added to the message)."""
     if not 0 <= number(name, value) <= 1:
         raise ValueError(f"{name}: must lie in [0, 1]{why}, got {value}")
 

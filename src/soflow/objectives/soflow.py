@@ -45,6 +45,7 @@ def _cat(*parts):
 
 
 def has_active_dropout(net: nn.Module) -> bool:
+    """Whether `net` is in training mode with some dropout probability above 0."""
     return net.training and any(
         (isinstance(m, nn.Dropout) and m.p > 0) or (isinstance(getattr(m, "dropout", None), float) and m.dropout > 0)
         for m in net.modules())

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..data.augment import AUGMENT_DIM
 from ..errors import ConfigError
+from ..guidance import scales_of
 from ..methods import method
 from ..nets import build, data_args
 from ..protocols import Objective
@@ -23,6 +25,7 @@ def network_args(cfg: Config, sample_shape: tuple, num_classes: int) -> dict:
 
 
 def build_flow(cfg: Config, sample_shape: tuple, num_classes: int) -> SolutionFlow:
+    """A new SolutionFlow of `cfg` for data of `sample_shape` and `num_classes` (0: unconditional)."""
     try:
         net = build(cfg.model.net, **network_args(cfg, sample_shape, num_classes))
     except ValueError as e:
@@ -30,6 +33,12 @@ def build_flow(cfg: Config, sample_shape: tuple, num_classes: int) -> SolutionFl
     if tuple(net.sample_shape) != tuple(sample_shape):
         raise ConfigError(f"model.net_args: the network takes {tuple(net.sample_shape)} samples but the data "
                           f"has {tuple(sample_shape)}")
+    return solution_flow(cfg, net)
+
+
+def solution_flow(cfg: Config, net: nn.Module) -> SolutionFlow:
+    """`net` as a SolutionFlow with the noising path and parameterization of `cfg.model`: the one place
+    a config makes a SolutionFlow (of a new network in `build_flow`, of the EMA copy in training)."""
     return SolutionFlow(net, cfg.model.path, cfg.model.parameterization)
 
 
@@ -50,12 +59,11 @@ def guidance_input(cfg: Config) -> bool:
 
 def guidance_scales(cfg: Config):
     """The guidance scales a model of this config honours at sampling time (soflow.guidance)."""
-    from ..guidance import scales_of
-
     return scales_of(build_objective(cfg), method(cfg.method).section)
 
 
 def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    """The optimizer of `cfg.train` (AdamW or RAdam) over `params`."""
     t = cfg.train
     kind = {"adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[t.optimizer.lower()]
     return kind(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)

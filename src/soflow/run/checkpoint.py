@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, UnreadableFile
+from ..safeload import load_torch
 
 FORMAT = "soflow-checkpoint-1"
 NAME = re.compile(r"^ckpt-(\d+)\.pt$")
@@ -33,6 +34,7 @@ RUN_FOLDERS = ("checkpoints", "exports", "samples")
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
+    """The checkpoints/ folder of a run folder."""
     return Path(run_dir) / "checkpoints"
 
 
@@ -143,6 +145,7 @@ def run_state(step: int, config: dict, sample_shape, num_classes: int, net: dict
 
 
 def save_checkpoint(run_dir: Path, state: dict, keep_last: int, keep_every: int) -> Path:
+    """Write the checkpoint of `state` atomically and prune older ones; returns its path."""
     path = checkpoint_dir(run_dir) / f"ckpt-{state['step']:08d}.pt"
     try:
         atomic_save({"format": FORMAT, **state}, path)
@@ -155,6 +158,7 @@ def save_checkpoint(run_dir: Path, state: dict, keep_last: int, keep_every: int)
 
 
 def prune(run_dir: Path, keep_last: int, keep_every: int, protect: Path) -> None:
+    """Delete checkpoints beyond the newest `keep_last`, keeping multiples of `keep_every` and `protect`."""
     for i, (step, path) in enumerate(list_checkpoints(run_dir)):
         keep = i < keep_last or (keep_every and step % keep_every == 0) or path == protect
         if not keep:
@@ -163,8 +167,6 @@ def prune(run_dir: Path, keep_last: int, keep_every: int, protect: Path) -> None
 
 def read_checkpoint(path: Path) -> dict:
     """Load one checkpoint file (weights_only) and check it is a soflow run checkpoint."""
-    from ..safeload import load_torch
-
     path = Path(path)
     try:
         blob = load_torch(path)
@@ -229,8 +231,6 @@ def save_best_fid(run_dir: Path, state: dict, record: dict) -> Path:
 def read_best_fid(run_dir: Path) -> dict | None:
     """The "fid" record of checkpoints/best-fid.pt, or None when the run has none.  The file is
     memory-mapped, so its weights are not read."""
-    from ..safeload import load_torch
-
     path, _ = best_fid_paths(run_dir)
     if not path.is_file():
         return None
@@ -284,4 +284,5 @@ def write_safetensors(f, state: dict, metadata: dict) -> None:
 
 
 def stderr(msg: str) -> None:
+    """Print one line on stderr at once."""
     print(msg, file=sys.stderr, flush=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from ..data import has_labels  # noqa: F401  (validate asks it here)
 from ..errors import ConfigError
 from ..methods import METHODS
 from .presets import read_yaml, safe_yaml
@@ -23,6 +24,8 @@ from .reference_yaml import from_reference, is_reference
 
 @dataclass
 class ModelConfig:
+    """The `model` section: network, its arguments, noising path and parameterization."""
+
     net: str = "mlp"  # a name from soflow.nets.REGISTRY
     net_args: dict = field(default_factory=dict)  # constructor overrides, e.g. {hidden: 128}
     path: str = "linear"  # noising path: linear | trig
@@ -31,7 +34,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # checkerboard | moons | 8gaussians | spirals | points | fmnist | cifar10 | imagefolder | imagenet-latents
+    """The `data` section: dataset, its files and how it is read."""
+
+    # one of soflow.data.DATASETS: a 2-D toy, points, fmnist, cifar10, imagefolder, imagenet-latents
     name: str = "checkerboard"
     path: typing.Optional[str] = None  # data file or folder (points: an [N, D] float .npy)
     conditional: bool = True  # use the class labels (fmnist, cifar10)
@@ -44,6 +49,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    """The `train` section: schedule, optimizer, precision, EMA, checkpoints, samples and FID."""
+
     total_steps: int = 20_000  # also K of the middle-time schedule r(k, K)
     batch_size: int = 256  # global, over all ranks and accumulation steps
     grad_accum: int = 1
@@ -75,7 +82,7 @@ class TrainConfig:
     sample_mode: typing.Optional[str] = None  # sampler of the figures and of FID while training (null: the method's)
     tensorboard: bool = False
     threads: int = 0  # intra-op CPU threads; 0: one for small networks, every core for large ones
-    # FID of EMA samples during training (soflow.eval.training_fid); the first NFE picks best-fid.pt.
+    # FID of EMA samples during training (soflow.train.training_fid); the first NFE picks best-fid.pt.
     fid_every: int = 0  # every N steps and at the last step (0: off)
     fid_num: int = 50_000  # samples per score, spread over the ranks
     fid_nfe: list = field(default_factory=lambda: [1, 2])  # one score per entry: fid_nfe1, fid_nfe2, ...
@@ -168,6 +175,7 @@ def _set(obj, dotted: str, value, prefix: str = "") -> None:
 
 
 def apply(cfg: Config, values: dict) -> Config:
+    """Set the dotted or nested keys of `values` on `cfg` (each checked); returns `cfg`."""
     if not isinstance(values, dict):
         raise ConfigError(f"expected a mapping of config keys, got {type(values).__name__}")
     for k, v in values.items():
@@ -217,12 +225,6 @@ def _fill_derived(cfg) -> None:
             setattr(section, name, getattr(getattr(cfg, head), key))
 
 
-def has_labels(data: DataConfig) -> bool:
-    """Whether training batches carry class labels (the toys and `points` never do)."""
-    return data.name in ("imagefolder", "imagenet-latents") or (data.name in ("fmnist", "cifar10") and data.conditional)
-
-
-
 def load(source: str | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
     """Defaults <- `base` (e.g. a saved run config) <- preset/YAML `source` <- overrides.
 
@@ -245,6 +247,7 @@ def load(source: str | None = None, overrides: list[str] = (), base: dict | None
 
 
 def dump(cfg: Config) -> str:
+    """`cfg` as the YAML of config.yaml."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, ConfigError, UnreadableFile
+from ..safeload import load_safetensors, safetensors_header
 from ..solution import SolutionFlow
 from ..threads import configure_threads
 from .build import build_flow
@@ -52,8 +53,6 @@ def _load_checkpoint(path: Path, weights: str, warn):
 
 
 def _load_export(path: Path, weights: str):
-    from ..safeload import load_safetensors, safetensors_header
-
     if weights != "ema":
         raise CheckpointError(f"{path}: exports hold EMA weights only; use a checkpoint for --weights online")
     if not path.is_file():
@@ -220,6 +219,7 @@ def config_differences(old, new, prefix: str = "") -> list[str]:
 
 
 def config_value(config: dict, dotted: str):
+    """The value at dotted key `dotted` of a plain config dict, or None."""
     for part in dotted.split("."):
         config = config.get(part) if isinstance(config, dict) else None
     return config

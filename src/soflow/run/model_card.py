@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import __version__
+from ..data import traits
 from .config import Config, dump
 
 # the diffusers name of the VAE the latent recipes were trained with (a reference, not a download)
@@ -26,12 +27,13 @@ def pipeline_config(cfg: Config, sample_shape, num_classes: int, step: int | Non
     }
     if guidance is not None:
         info["guidance"] = guidance
-    if cfg.data.name == "imagenet-latents":
+    if traits(cfg.data.name).latent:
         info["vae"] = {"diffusers_name": SD_VAE, "local_path": vae, "scale": 0.18215}
     return info
 
 
 def model_card(cfg: Config, info: dict, grid: Path | None) -> str:
+    """The README.md of a saved pipeline: usage, guidance, sample grid and training config."""
     classes = f"{info['num_classes']} classes" if info["num_classes"] else "unconditional"
     lines = [
         "---", "library_name: soflow", "tags:", "- solution-flow", f"- {cfg.method.replace('_', '-')}",

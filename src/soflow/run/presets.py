@@ -42,6 +42,7 @@ def _variants(path: Path) -> dict:
 
 
 def preset_names() -> list[str]:
+    """The names `--config` accepts as presets, variants included, sorted."""
     names = []
     for path in PRESET_DIR.glob("*.yaml"):
         variants = _variants(path)
@@ -66,6 +67,7 @@ def _laid_over(base: dict, top: dict) -> dict:
 
 
 def read_yaml(source: str, _seen: tuple = ()) -> dict:
+    """The mapping of a YAML file or preset (with its base files and variant applied)."""
     path = Path(source)
     if path.is_dir():
         raise ConfigError(f"--config {source}: is a folder; give a YAML file or a preset name")

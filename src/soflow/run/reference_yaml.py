@@ -12,11 +12,15 @@ REFERENCE_KEYS = {
     "eval_batch_size", "eval_NFE", "eval_demo_steps", "eval_demo_shape", "ckpt_saving_steps", "logging_steps", "seed",
 }
 REFERENCE_DATASETS = {"CIFAR10": "cifar10", "Imagenet": "imagenet-latents"}
+# the sample shape and number of classes of the reference's runs on each of its datasets:
+# unconditional CIFAR-10 images, class-conditional ImageNet-256 SD-VAE latents
+REFERENCE_SAMPLES = {"cifar10": ((3, 32, 32), 0), "imagenet-latents": ((4, 32, 32), 1000)}
 REFERENCE_MODELS = {"UNet": "unet-cifar10", "DiT-B-4": "dit-b4", "DiT-B-2": "dit-b2", "DiT-M-2": "dit-m2",
                     "DiT-L-2": "dit-l2", "DiT-XL-2": "dit-xl2"}
 
 
 def is_reference(data: dict) -> bool:
+    """Whether a YAML mapping is a reference implementation config (flat keys)."""
     return "model_type" in data or "noising_type" in data
 
 

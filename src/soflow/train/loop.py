@@ -16,15 +16,14 @@ from pathlib import Path
 import torch
 
 from .. import distributed
-from ..data import make_dataset
+from ..data import make_dataset, traits
 from ..data.augment import AugmentPipe
 from ..data.stream import batches
 from ..errors import ConfigError, TrainingError
-from ..eval.training_fid import TrainingFID
 from ..methods import method
 from ..pipeline import Pipeline
 from ..protocols import Objective
-from ..run.build import build_flow, build_objective, build_optimizer
+from ..run.build import build_flow, build_objective, build_optimizer, solution_flow
 from ..run.checkpoint import export_safetensors, latest_checkpoint, remove_stale_temporaries
 from ..run.config import Config, dump
 from ..run.init import initial_weights, weights_sha256
@@ -39,6 +38,7 @@ from .previews import write_previews
 from .state import resume, save_run_state
 from .runlog import RunLog, plural
 from .stats import RunningStats, peak_memory_gb
+from .training_fid import TrainingFID
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -61,6 +61,7 @@ class _StopSignal:
 
 
 def per_rank_batch(cfg: Config, world: int) -> int:
+    """The micro-batch of each rank: train.batch_size over ranks and accumulation steps (ConfigError if not whole)."""
     t = cfg.train
     if t.batch_size % (world * t.grad_accum):
         raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by {plural(world, 'rank')} x "
@@ -176,7 +177,7 @@ def _set_up(cfg: Config, env, run_dir: Path) -> Run:
     return Run(cfg=cfg, env=env, run_dir=run_dir, log=log, data=data, fid=fid, flow=flow, ema=ema,
                net_call=net_call, through_ddp=through_ddp, optimizer=optimizer, objective=objective,
                scaler=scaler, params=params, stream=stream, augment=augment, step=step,
-               preview=Pipeline(SolutionFlow(ema.model, cfg.model.path, cfg.model.parameterization), cfg),
+               preview=Pipeline(solution_flow(cfg, ema.model), cfg),
                last_saved=step if resumed is not None else None)
 
 
@@ -224,7 +225,7 @@ def _start_from(cfg: Config, flow: SolutionFlow, ema: EMA, log: RunLog) -> None:
 def _announce(cfg: Config, env, log: RunLog, threads: int) -> None:
     """The run's config file, and the start-up notes that hold for the whole run."""
     log.save_config(dump(cfg))
-    if cfg.data.name == "imagenet-latents" and not cfg.data.vae:
+    if traits(cfg.data.name).latent and not cfg.data.vae:
         log.warn("warning: no data.vae: latent sample grids are not decoded; set data.vae to see them")
     if env.device.type == "cpu":
         t = cfg.train

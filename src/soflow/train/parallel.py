@@ -6,16 +6,21 @@ to each shard) and checkpoints gather full state dicts on rank 0.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from ..distributed import Env
 
 
 def shard(net: nn.Module) -> None:
-    from torch.distributed.fsdp import fully_shard
-
+    """Shard `net` in place with FSDP, one unit per DiT block and one for the rest."""
     for block in getattr(net, "blocks", []):  # DiT: one unit per transformer block
         fully_shard(block)
     fully_shard(net)
@@ -35,8 +40,6 @@ def wrap(net: nn.Module, ema_model: nn.Module, env: Env, fsdp: bool, compile: bo
 
 def no_sync(net_call: nn.Module, last: bool):
     """DDP's no_sync() for all but the last accumulation micro-step (a no-op context otherwise)."""
-    import contextlib
-
     ddp = getattr(net_call, "_orig_mod", net_call)  # through torch.compile's wrapper
     if last or not isinstance(ddp, DistributedDataParallel):
         return contextlib.nullcontext()
@@ -44,8 +47,7 @@ def no_sync(net_call: nn.Module, last: bool):
 
 
 def is_sharded(net: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
+    """Whether `net` is sharded by FSDP."""
     return isinstance(net, FSDPModule)
 
 
@@ -54,20 +56,16 @@ def full_state(net: nn.Module, optimizer=None) -> tuple[dict, dict | None]:
     if not is_sharded(net):
         cpu = {k: v.detach().cpu() for k, v in net.state_dict().items()}
         return cpu, (optimizer.state_dict() if optimizer is not None else None)
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model = get_model_state_dict(net, options=opts)
     return model, (get_optimizer_state_dict(net, optimizer, options=opts) if optimizer is not None else None)
 
 
 def load_optimizer(net: nn.Module, optimizer, state: dict) -> None:
+    """Load a full optimizer state dict into `optimizer`, sharded or not."""
     if not is_sharded(net):
         optimizer.load_state_dict(state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
     set_optimizer_state_dict(net, optimizer, keyed_by_name(net, state), options=StateDictOptions(full_state_dict=True))
 
 
@@ -91,8 +89,6 @@ def average_gradients(params, env: Env) -> None:
     """All-reduce mean of the gradients, for steps that did not go through DDP."""
     if not env.distributed:
         return
-    import torch.distributed as dist
-
     grads = [p.grad for p in params if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from ..errors import ConfigError
 from ..plots import plural  # noqa: F401  (the trainer's modules take it from here)
 
@@ -26,6 +28,8 @@ class _NoProgress:
 
 
 class RunLog:
+    """A run's log.txt, metrics.jsonl, progress bar and TensorBoard (rank 0 writes; others are disabled)."""
+
     def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = False):
         self.run_dir, self.enabled = Path(run_dir), enabled
         self.writer = None
@@ -83,8 +87,6 @@ class RunLog:
     def progress(self, start: int, total: int):
         if not self.enabled or not sys.stderr.isatty():
             return _NoProgress()
-        from tqdm import tqdm
-
         self._bar = tqdm(total=total, initial=start, dynamic_ncols=True, leave=False)
         return self._bar
 

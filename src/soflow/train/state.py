@@ -16,6 +16,7 @@ from .runlog import RunLog, plural
 
 
 def rng_state(device: torch.device) -> dict:
+    """This process's CPU (and CUDA) random number generator states."""
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -23,6 +24,7 @@ def rng_state(device: torch.device) -> dict:
 
 
 def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore the states taken by `rng_state`."""
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -86,6 +88,7 @@ def config_changes(old: dict, new: dict, shown: int = 4) -> str:
 
 
 def save_run_state(env, run_dir, cfg, flow, ema, optimizer, step) -> None:
+    """Save a checkpoint of model, EMA, optimizer and every rank's RNG state at `step` (a collective)."""
     rng = distributed.all_gather_objects(env, rng_state(env.device))
     net_state, optimizer_state = parallel.full_state(flow.net, optimizer)
     ema_state, _ = parallel.full_state(ema.model)
