@@ -12,7 +12,7 @@ from conftest import randomize
 from helpers import assert_one_line_error, soflow
 from soflow import Pipeline
 from soflow.errors import ConfigError
-from soflow.eval.training_fid import metric_name
+from soflow.eval.fid import metric_name
 from soflow.guidance import GuidanceScales
 from soflow.nets import build
 from soflow.objectives import Rows, SoFlowLoss

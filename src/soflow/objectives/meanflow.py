@@ -63,6 +63,7 @@ def unwrap_ddp(net: nn.Module) -> nn.Module:
 
 
 def check_meanflow_flow(flow: SolutionFlow) -> None:
+    """MeanFlow's u = (x_t - x_r) / (t - r) identity holds for the linear path with the Euler parameterization only."""
     if not isinstance(flow.param, EulerParameterization) or not isinstance(flow.path, LinearPath):
         raise ValueError("MeanFlow needs the Euler parameterization and the linear path "
                          f"(got parameterization {flow.param.name!r}, path {flow.path.name!r})")
