@@ -12,7 +12,12 @@ from ..methods import method
 from ..nets import build, data_args
 from ..protocols import Objective
 from ..solution import SolutionFlow
-from .config import Config
+from .schema import Config
+
+# train.optimizer: the optimizer class of each name
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}
+# train.precision: the autocast dtype of each name (None: no autocast)
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def network_args(cfg: Config, sample_shape: tuple, num_classes: int) -> dict:
@@ -65,5 +70,5 @@ def guidance_scales(cfg: Config):
 def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     """The optimizer of `cfg.train` (AdamW or RAdam) over `params`."""
     t = cfg.train
-    kind = {"adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[t.optimizer.lower()]
+    kind = OPTIMIZERS[t.optimizer.lower()]
     return kind(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)

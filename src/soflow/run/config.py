@@ -1,148 +1,28 @@
 """Typed run configuration: dataclass defaults <- YAML preset or file <- dotted `--set` overrides.
 
 Every error names the offending key and says what it accepts (ConfigError, one line).  The
-sections of the training methods are their loss dataclasses themselves, one per entry of
-soflow.methods.METHODS (one set of names, defaults and range checks).  Presets and templates:
-`presets`; value checks: `validate`; the reference implementation's flat YAML: `reference_yaml`.
+sections and their types: `schema` (re-exported here); presets and templates: `presets`; value
+checks: `validate`; the reference implementation's flat YAML: `reference_yaml`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
-from dataclasses import dataclass, field
 
 import yaml
 
-from ..data import has_labels  # noqa: F401  (validate asks it here)
 from ..errors import ConfigError
-from ..methods import METHODS
 from .presets import read_yaml, safe_yaml
 from .reference_yaml import from_reference, is_reference
+from .schema import Config, DataConfig, ModelConfig, TrainConfig, _derived, describe, type_ok
+from .validate import validate
+
+__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "apply", "dump", "load",
+           "parse_override"]
 
 
-@dataclass
-class ModelConfig:
-    """The `model` section: network, its arguments, noising path and parameterization."""
-
-    net: str = "mlp"  # a name from soflow.nets.REGISTRY
-    net_args: dict = field(default_factory=dict)  # constructor overrides, e.g. {hidden: 128}
-    path: str = "linear"  # noising path: linear | trig
-    parameterization: str = "euler"  # euler | trig
-
-
-@dataclass
-class DataConfig:
-    """The `data` section: dataset, its files and how it is read."""
-
-    # one of soflow.data.DATASETS: a 2-D toy, points, fmnist, cifar10, imagefolder, imagenet-latents
-    name: str = "checkerboard"
-    path: typing.Optional[str] = None  # data file or folder (points: an [N, D] float .npy)
-    conditional: bool = True  # use the class labels (fmnist, cifar10)
-    resolution: int = 64  # imagefolder: ADM centre crop size
-    augment_p: float = 0.0  # EDM augmentation probability (cifar10-unet: 0.12); labels go to the network
-    vae: typing.Optional[str] = None  # imagenet-latents: local SD-VAE folder, to decode samples
-    num_workers: int = 0
-    prefetch_factor: int = 2
-
-
-@dataclass
-class TrainConfig:
-    """The `train` section: schedule, optimizer, precision, EMA, checkpoints, samples and FID."""
-
-    total_steps: int = 20_000  # also K of the middle-time schedule r(k, K)
-    batch_size: int = 256  # global, over all ranks and accumulation steps
-    grad_accum: int = 1
-    seed: int = 0
-    # Starting weights of a new run (ignored once it has checkpoints): a run folder, checkpoint,
-    # export, pipeline folder or SiT checkpoint of the same network; its EMA weights (soflow.run.init).
-    init: typing.Optional[str] = None
-    init_sha256: typing.Optional[str] = None  # recorded by the trainer; a given value must match the weights
-    optimizer: str = "adamw"  # adamw | radam
-    lr: float = 1e-4
-    betas: list = field(default_factory=lambda: [0.9, 0.99])
-    weight_decay: float = 0.0
-    grad_clip: typing.Optional[float] = None  # clip the gradient norm to this before each step (null: no clipping)
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; loss math stays fp32)
-    tf32: bool = True
-    compile: bool = False
-    fsdp: bool = False  # shard with torch.distributed fully_shard instead of DDP
-    device: str = "auto"  # auto | cpu | cuda
-    ema_decay: float = 0.9999
-    ema_every: int = 1
-    ema_float64: bool = False
-    checkpoint_every: int = 1000
-    keep_last: int = 2  # newest checkpoints kept
-    keep_every: int = 0  # also keep the checkpoint of every multiple of this step (0: none)
-    log_every: int = 100
-    sample_every: int = 0  # EMA sample plot/grid every N steps (0: only at the end)
-    sample_num: int = 1000
-    sample_nfe: list = field(default_factory=lambda: [1, 2])
-    sample_mode: typing.Optional[str] = None  # sampler of the figures and of FID while training (null: the method's)
-    tensorboard: bool = False
-    threads: int = 0  # intra-op CPU threads; 0: one for small networks, every core for large ones
-    # FID of EMA samples during training (soflow.train.training_fid); the first NFE picks best-fid.pt.
-    fid_every: int = 0  # every N steps and at the last step (0: off)
-    fid_num: int = 50_000  # samples per score, spread over the ranks
-    fid_nfe: list = field(default_factory=lambda: [1, 2])  # one score per entry: fid_nfe1, fid_nfe2, ...
-    # classifier-free guidance scales scored at each NFE (soflow.guidance; empty: the model's own):
-    # fid_nfe1_w1.5, fid_nfe1_w3, ...; the first NFE and first scale pick best-fid.pt
-    fid_guidance: list = field(default_factory=list)
-    fid_ref: typing.Optional[str] = None  # reference statistics .npz with mu, sigma (`soflow fid ref` or ADM's)
-    fid_inception: typing.Optional[str] = None  # Inception weights (null: $SOFLOW_INCEPTION_WEIGHTS or ~/.cache/soflow)
-    fid_batch_size: int = 250  # samples generated, decoded and scored at once on each rank
-    fid_dims: int = 2048  # Inception layer: 2048 (pool, the standard FID) | 768 | 192 | 64 (cheap proxies)
-
-
-
-def _to_dict(self) -> dict:
-    return _plain(self)
-
-
-# method, model, one section per training method (its loss), data, train
-Config = dataclasses.make_dataclass("Config", [
-    ("method", str, field(default="soflow")),
-    ("model", ModelConfig, field(default_factory=ModelConfig)),
-    *[(m.section, m.loss, field(default_factory=m.loss)) for m in METHODS.values()],
-    ("data", DataConfig, field(default_factory=DataConfig)),
-    ("train", TrainConfig, field(default_factory=TrainConfig)),
-], namespace={"to_dict": _to_dict, "__module__": __name__})
-
-CHOICES = {
-    "method": tuple(METHODS),
-    "model.path": ("linear", "trig"),
-    "model.parameterization": ("euler", "trig"),
-    "train.optimizer": ("adamw", "radam"),
-    "train.precision": ("fp32", "bf16", "fp16"),
-    "train.device": ("auto", "cpu", "cuda"),
-}
-
-
-# ---------------------------------------------------------------- merging and type checks
-
-def _type_ok(value, tp) -> bool:
-    if tp is tuple:  # YAML has lists only
-        return isinstance(value, (list, tuple))
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)
-
-
-def _describe(tp) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
-             tuple: "a list", dict: "a mapping"}
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else names.get(a, str(a)) for a in typing.get_args(tp))
-    return names.get(tp, str(tp))
-
+# ---------------------------------------------------------------- merging
 
 def _set(obj, dotted: str, value, prefix: str = "") -> None:
     head, _, rest = dotted.partition(".")
@@ -167,8 +47,8 @@ def _set(obj, dotted: str, value, prefix: str = "") -> None:
         return
     if rest:
         raise ConfigError(f"unknown config key {key + '.' + rest!r}: {key} has no sub-keys")
-    if not _type_ok(value, tp):
-        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+    if not type_ok(value, tp):
+        raise ConfigError(f"{key}: expected {describe(tp)}, got {value!r}")
     if tp is float or (typing.get_origin(tp) is not None and float in typing.get_args(tp) and isinstance(value, int)):
         value = float(value)
     setattr(obj, head, tuple(value) if tp is tuple else value)
@@ -197,26 +77,6 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
-def _derived(cls) -> dict:
-    """{field: dotted key} of the fields whose value follows another key (SoFlowLoss.total_steps is
-    train.total_steps): not settable, not written to config.yaml, filled in by `load`."""
-    if not dataclasses.is_dataclass(cls):
-        return {}
-    return {f.name: f.metadata["from"] for f in dataclasses.fields(cls) if "from" in f.metadata}
-
-
-def _plain(obj):
-    """A config object as YAML-ready data: nested dicts and lists, derived fields left out."""
-    if dataclasses.is_dataclass(obj):
-        skip = _derived(type(obj))
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name not in skip}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    return obj
-
-
 def _fill_derived(cfg) -> None:
     for f in dataclasses.fields(cfg):
         section = getattr(cfg, f.name)
@@ -241,14 +101,9 @@ def load(source: str | None = None, overrides: list[str] = (), base: dict | None
         key, value = parse_override(text)
         _set(cfg, key, value)
     _fill_derived(cfg)
-    from .validate import validate  # validate reads the sections defined here
-
     return validate(cfg, guidance=source is not None or bool(overrides))
 
 
 def dump(cfg: Config) -> str:
     """`cfg` as the YAML of config.yaml."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-
-
-

@@ -6,10 +6,25 @@ import dataclasses
 import math
 import re
 
+from ..data import DATASETS, IMAGE_DATASETS, has_labels
+from ..distributed import DEVICES
 from ..errors import ConfigError
+from ..guidance import cfg_problem
 from ..methods import METHODS
 from ..nets import REGISTRY, canonical_name
-from .config import CHOICES, Config, _type_ok, has_labels
+from ..paths import PARAMETERIZATIONS, PATHS
+from .build import AUTOCAST, OPTIMIZERS, guidance_scales, guided_training
+from .schema import Config, type_ok
+
+# the accepted values of the keys with a fixed set, named by the registries they index
+CHOICES = {
+    "method": tuple(METHODS),
+    "model.path": tuple(PATHS),
+    "model.parameterization": tuple(PARAMETERIZATIONS),
+    "train.optimizer": tuple(OPTIMIZERS),
+    "train.precision": tuple(AUTOCAST),
+    "train.device": DEVICES,
+}
 
 
 def validate(cfg: Config, guidance: bool = True) -> Config:
@@ -46,14 +61,14 @@ def validate(cfg: Config, guidance: bool = True) -> Config:
     for key, value in ranges.items():
         if not 0 <= value <= 1:
             raise ConfigError(f"{key}: must lie in [0, 1], got {value}")
-    if len(t.betas) != 2 or not all(_type_ok(x, float) for x in t.betas):
+    if len(t.betas) != 2 or not all(type_ok(x, float) for x in t.betas):
         raise ConfigError(f"train.betas: expected two numbers, got {t.betas!r}")
     if not all(0 <= x < 1 for x in t.betas):
         raise ConfigError(f"train.betas: Adam's decay rates must lie in [0, 1), got {t.betas!r}")
     if t.sample_mode is not None and t.sample_mode not in METHODS[cfg.method].modes:
         raise ConfigError(f"train.sample_mode: method {cfg.method} samples with "
                           f"{' | '.join(METHODS[cfg.method].modes)}, not {t.sample_mode!r}")
-    if not t.sample_nfe or not all(_type_ok(x, int) and x >= 1 for x in t.sample_nfe):
+    if not t.sample_nfe or not all(type_ok(x, int) and x >= 1 for x in t.sample_nfe):
         raise ConfigError(f"train.sample_nfe: expected a list of positive integers, got {t.sample_nfe!r}")
     if t.init_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", t.init_sha256):
         raise ConfigError(f"train.init_sha256: expected 64 lowercase hex digits, got {t.init_sha256!r}")
@@ -65,8 +80,6 @@ def validate(cfg: Config, guidance: bool = True) -> Config:
     if t.threads < 0:
         raise ConfigError(f"train.threads: must be 0 (choose by network size) or a positive count, got {t.threads}")
     _validate_fid(cfg)
-    from ..data import DATASETS
-
     if cfg.data.name not in DATASETS:
         raise ConfigError(f"data.name: unknown dataset {cfg.data.name!r}; choose one of {', '.join(DATASETS)}")
     return cfg
@@ -125,11 +138,8 @@ def _validate_finite(cfg: Config) -> None:
 
 def _validate_fid_guidance(cfg: Config) -> None:
     """train.fid_guidance: distinct finite scales, each one the model of this config can honour."""
-    from ..guidance import cfg_problem
-    from .build import guidance_scales, guided_training
-
     scales = cfg.train.fid_guidance
-    if not isinstance(scales, list) or not all(_type_ok(w, float) for w in scales):
+    if not isinstance(scales, list) or not all(type_ok(w, float) for w in scales):
         raise ConfigError(f"train.fid_guidance: expected a list of guidance scales, got {scales!r}")
     if len(set(scales)) != len(scales):
         raise ConfigError(f"train.fid_guidance: {scales!r} repeats an entry")
@@ -151,7 +161,7 @@ def _validate_fid(cfg: Config) -> None:
         raise ConfigError(f"train.fid_num: a covariance needs at least 2 samples, got {t.fid_num}")
     if t.fid_batch_size < 1:
         raise ConfigError(f"train.fid_batch_size: must be positive, got {t.fid_batch_size}")
-    if not t.fid_nfe or not all(_type_ok(x, int) and x >= 1 for x in t.fid_nfe):
+    if not t.fid_nfe or not all(type_ok(x, int) and x >= 1 for x in t.fid_nfe):
         raise ConfigError(f"train.fid_nfe: expected a list of positive integers, got {t.fid_nfe!r}")
     if len(set(t.fid_nfe)) != len(t.fid_nfe):
         raise ConfigError(f"train.fid_nfe: {t.fid_nfe!r} repeats an entry")
@@ -162,8 +172,6 @@ def _validate_fid(cfg: Config) -> None:
     if t.fid_every and not t.fid_ref:
         raise ConfigError("train.fid_ref: train.fid_every > 0 needs reference statistics: "
                           "--set train.fid_ref=REF.npz (from `soflow fid ref`, or ADM's reference batch)")
-    from ..data import DATASETS, IMAGE_DATASETS
-
     if t.fid_every and cfg.data.name in DATASETS and cfg.data.name not in IMAGE_DATASETS:
         raise ConfigError(f"train.fid_every: FID needs image data; data.name={cfg.data.name} is not one of "
                           f"{', '.join(IMAGE_DATASETS)}")

@@ -23,7 +23,7 @@ from ..errors import ConfigError, TrainingError
 from ..methods import method
 from ..pipeline import Pipeline
 from ..protocols import Objective
-from ..run.build import build_flow, build_objective, build_optimizer, solution_flow
+from ..run.build import AUTOCAST, build_flow, build_objective, build_optimizer, solution_flow
 from ..run.checkpoint import export_safetensors, latest_checkpoint, remove_stale_temporaries
 from ..run.config import Config, dump
 from ..run.init import initial_weights, weights_sha256
@@ -39,8 +39,6 @@ from .state import resume, save_run_state
 from .runlog import RunLog, plural
 from .stats import RunningStats, peak_memory_gb
 from .training_fid import TrainingFID
-
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class _StopSignal:
