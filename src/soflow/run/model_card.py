@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import __version__
 from ..data import traits
+from ..version import __version__
 from .config import Config, dump
 
 # the diffusers name of the VAE the latent recipes were trained with (a reference, not a download)
