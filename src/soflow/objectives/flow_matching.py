@@ -16,6 +16,7 @@ from ..paths import conditional_velocity, interpolate, mean_per_row
 from ..solution import SolutionFlow
 from ..times import logit_normal
 from . import checks
+from .scales import drop_labels
 
 
 @dataclass
@@ -47,9 +48,7 @@ class FlowMatchingLoss:
                  augment_labels: Tensor | None = None, net: nn.Module | None = None) -> tuple[Tensor, dict]:
         b, dev = x0.shape[0], x0.device
         x1 = torch.randn_like(x0)
-        if labels is not None and self.cfg_drop_rate > 0:
-            drop = torch.rand(b, device=dev) < self.cfg_drop_rate
-            labels = torch.where(drop, torch.full_like(labels, flow.num_classes), labels)
+        labels, _ = drop_labels(labels, self.cfg_drop_rate, flow.num_classes, dev)
         t = logit_normal(b, self.time_mean, self.time_std, device=dev).to(x0.dtype)
         return self.loss_on(flow, x0, x1, t, labels, augment_labels, net)
 

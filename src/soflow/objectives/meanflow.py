@@ -45,7 +45,7 @@ from ..seeding import generator as seeded_generator
 from ..solution import SolutionFlow
 from ..times import logit_normal
 from . import checks
-from .scales import call_net, check_labels, check_range, row_scales
+from .scales import call_net, check_labels, check_range, drop_labels, row_scales, with_null
 
 REDUCTIONS = ("sum", "mean")
 SPLITS = ("rows", "steps")
@@ -242,9 +242,7 @@ class MeanFlowLoss:
                  augment_labels: Tensor | None = None, net: nn.Module | None = None) -> tuple[Tensor, dict]:
         b, dev = x0.shape[0], x0.device
         x1 = torch.randn_like(x0)
-        cfg_mask = None
-        if labels is not None and self.cfg_drop_rate > 0:
-            cfg_mask = torch.rand(b, device=dev) < self.cfg_drop_rate
+        _, cfg_mask = drop_labels(labels, self.cfg_drop_rate, flow.num_classes, dev)  # loss_on drops them
         w = self.row_scales(b, cfg_mask, dev)
         t, r = self.sample_times(b, device=dev, step=step)
         return self.loss_on(flow, x0, x1, t.to(x0.dtype), r.to(x0.dtype), labels, cfg_mask, augment_labels, net, w)
@@ -264,10 +262,9 @@ class MeanFlowLoss:
         net = unwrap_ddp(flow.net if net is None else net)
         z = interpolate(flow.path, x0, x1, t)
         v = conditional_velocity(flow.path, x0, x1, t)
+        dropped = labels
         if labels is not None and cfg_mask is not None:
-            dropped = torch.where(cfg_mask, torch.full_like(labels, flow.num_classes), labels)
-        else:
-            dropped = labels
+            dropped = with_null(labels, cfg_mask, flow.num_classes)
         if self.guided:
             with torch.no_grad():
                 v = self.guided_velocity(flow, net, z, t, v, labels, cfg_mask, augment_labels, w)

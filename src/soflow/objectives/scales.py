@@ -1,4 +1,5 @@
-"""Guidance scales as a network input (`guidance_range`), shared by the SoFlow and MeanFlow losses:
+"""Classifier-free guidance in training, shared by the losses: label dropout (`drop_labels`, all
+four losses), and guidance scales as a network input (`guidance_range`, SoFlow and MeanFlow):
 each training row's own scale w, the network call that passes it, and the settings' checks.
 
 A loss with `guidance_range: [w_lo, w_hi]` draws one w per row from `guidance_distribution` on the
@@ -15,6 +16,22 @@ from torch import Tensor, nn
 from . import checks
 
 GUIDANCE_DISTRIBUTIONS = ("uniform", "log-uniform")
+
+
+def drop_labels(labels: Tensor | None, rate: float, num_classes: int,
+                device=None) -> tuple[Tensor | None, Tensor | None]:
+    """Label dropout for classifier-free guidance: (labels, mask) with each label replaced by the
+    null class (id num_classes) with probability `rate`, and mask True where it was.  One draw of
+    torch.rand(B) on `device`; no draw, and (labels, None), without labels or when rate is 0."""
+    if labels is None or not rate > 0:
+        return labels, None
+    mask = torch.rand(labels.shape[0], device=device) < rate
+    return with_null(labels, mask, num_classes), mask
+
+
+def with_null(labels: Tensor, mask: Tensor, num_classes: int) -> Tensor:
+    """`labels` with the null class (id num_classes) on the rows where `mask` is True."""
+    return torch.where(mask, torch.full_like(labels, num_classes), labels)
 
 
 def call_net(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, labels: Tensor | None,

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..paths import conditional_velocity, expand_as_rows, interpolate, mean_per_row
 from ..solution import SolutionFlow
 from . import checks
+from .scales import drop_labels
 
 
 @dataclass
@@ -60,9 +61,7 @@ class ShortcutLoss:
                  augment_labels: Tensor | None = None, net: nn.Module | None = None) -> tuple[Tensor, dict]:
         b, dev = x0.shape[0], x0.device
         n_c = int(self.consistency_ratio * b)
-        if labels is not None and self.cfg_drop_rate > 0:
-            drop = torch.rand(b, device=dev) < self.cfg_drop_rate
-            labels = torch.where(drop, torch.full_like(labels, flow.num_classes), labels)
+        labels, _ = drop_labels(labels, self.cfg_drop_rate, flow.num_classes, dev)
         x1 = torch.randn_like(x0)
         t_c, d = self.sample_steps(n_c, dev)
         t_v = torch.rand(b - n_c, device=dev)

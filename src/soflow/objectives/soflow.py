@@ -17,7 +17,7 @@ from ..paths import conditional_velocity, expand_as_rows, interpolate, mean_per_
 from ..solution import SolutionFlow
 from ..times import SCHEDULES, consistency_times, guidance_decay, logit_normal, middle_ratio
 from . import checks
-from .scales import call_net, check_labels, check_range, row_scales
+from .scales import call_net, check_labels, check_range, drop_labels, row_scales
 from .scales import GUIDANCE_DISTRIBUTIONS, draw_scales  # noqa: F401  (shared with MeanFlow: objectives.scales)
 
 
@@ -160,10 +160,7 @@ class SoFlowLoss:
         b, dev = x0.shape[0], x0.device
         n_v = int(self.velocity_loss_ratio * b)
         x1 = torch.randn_like(x0)
-        cfg_mask = None
-        if labels is not None and self.cfg_drop_rate > 0:
-            cfg_mask = torch.rand(b, device=dev) < self.cfg_drop_rate
-            labels = torch.where(cfg_mask, torch.full_like(labels, flow.num_classes), labels)
+        labels, cfg_mask = drop_labels(labels, self.cfg_drop_rate, flow.num_classes, dev)
         r = self.ratio(step)
         w = self.row_scales(b, cfg_mask, dev)
         t_v = logit_normal(n_v, self.time_mean[0], self.time_std[0], device=dev)
