@@ -49,7 +49,8 @@ class Method:
     check: Callable[[object, bool, str], None] | None = None
 
     def sample(self, model: SolutionFlow, n: int, nfe: int, *, mode: str | None = None, **kw) -> Tensor:
-        """n samples with nfe evaluations, the way this method's models are meant to be sampled."""
+        """n samples with nfe steps (network evaluations but for Heun: soflow.sampling.evaluations), the
+        way this method's models are meant to be sampled."""
         return draw(model, n, nfe, self.mode(mode), **kw)
 
     def sample_chunks(self, model: SolutionFlow, first: int, last: int, nfe: int, *, labels=None,

@@ -146,7 +146,8 @@ class Pipeline:
 
     def __call__(self, num: int = 1, nfe: int = 1, *, labels=None, seed: int = 0, guidance: float | None = None,
                  mode: str | None = None, output: str = "pil", batch_size: int = 256):
-        """`num` samples with `nfe` evaluations each.
+        """`num` samples with `nfe` steps each: one network evaluation a step, except Heun's method
+        (mode="heun", flow matching), which spends 2 nfe - 1 (soflow.sampling.evaluations).
 
         guidance: the classifier-free guidance scale of the velocity field sampled (None: the
         model's own; soflow.guidance).  A model trained with guidance_range takes it as an input, a

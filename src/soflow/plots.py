@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .methods import method as method_named
+from .sampling import evaluations
 
 
 def _pyplot():
@@ -29,13 +30,13 @@ def sample_title(method: str, nfe: int, mode: str | None = None, step: int | Non
                  guidance: float | None = None, weights: str | None = None, label: int | None = None) -> str:
     """How samples were drawn, e.g. "1 NFE, renoise, class 3, step 4000, EMA weights".
 
-    `mode` None stands for the method's default sampler (soflow.methods).  For the ODE modes `nfe`
-    counts steps; Heun's method spends two evaluations on each step but the last.
+    `mode` None stands for the method's default sampler (soflow.methods).  `nfe` counts steps; the
+    title gives the network evaluations (soflow.sampling.evaluations: Heun spends 2 nfe - 1).
     """
     if mode is None:
         mode = method_named(method).modes[0]
     if mode == "heun":
-        parts = [f"{2 * nfe - 1} NFE", f"heun, {plural(nfe, 'step')}"]
+        parts = [f"{evaluations(nfe, mode)} NFE", f"heun, {plural(nfe, 'step')}"]
     else:
         parts = [f"{nfe} NFE", mode]
     if label is not None:

@@ -237,9 +237,16 @@ def ode_sample(model: SolutionFlow, n: int, steps: int, *, method: str = "euler"
                        lambda noise, y: run_ode(model, noise[:, 0], steps, y, method, guidance))
 
 
+def evaluations(nfe: int, mode: str) -> int:
+    """Network evaluations per sample of `nfe` steps in `mode` (one forward of a guided batch counts
+    once): `nfe` itself, except Heun's method, which spends two on each step but the last."""
+    return 2 * nfe - 1 if mode == "heun" else nfe
+
+
 def draw(model: SolutionFlow, n: int, nfe: int, mode: str, **kw) -> Tensor:
-    """n samples with nfe evaluations in one of the MODES: a solution sampler (`sample`) or an ODE
-    solver on the velocity (`ode_sample`, nfe steps).  Methods pick theirs in soflow.methods."""
+    """n samples with nfe steps in one of the MODES: a solution sampler (`sample`, one evaluation a
+    step) or an ODE solver on the velocity (`ode_sample`; Heun: `evaluations(nfe, "heun")` evaluations).
+    Methods pick theirs in soflow.methods."""
     if mode in ODE_METHODS:
         return ode_sample(model, n, nfe, method=mode, **kw)
     return sample(model, n, nfe=nfe, mode=mode, **kw)

@@ -119,7 +119,8 @@ def _sample_parser(sub) -> None:
     s.add_argument("-n", "--num", type=int, default=64,
                    help="number of samples (under torchrun write -n: torchrun reads --num as its --numa-binding)")
     s.add_argument("--nfe", type=int, default=1,
-                   help="network evaluations per sample (flow matching: ODE steps)")
+                   help="steps per sample: one network evaluation each, except --mode heun, which spends "
+                        "2 NFE - 1 (the figure title and summary line give the evaluations)")
     s.add_argument("--mode", choices=MODES,
                    help="sampler (default: the method's own): chain (follow one trajectory; soflow, meanflow, "
                         "shortcut) | renoise (jump to 0, re-noise at each grid time; the reference's rule for soflow) "
@@ -243,7 +244,8 @@ def _eval_parser(sub) -> None:
                 ["soflow eval fmnist --checkpoint runs/fm --nfe 1",
                  "soflow eval fmnist --checkpoint runs/fm --nfe 1 --guidance 2 --json scores.json"])
         _checkpoint_argument(q)
-        q.add_argument("--nfe", type=int, default=1, help="network evaluations per sample (flow matching: ODE steps)")
+        q.add_argument("--nfe", type=int, default=1,
+                       help="steps per sample: network evaluations (flow matching: Euler steps)")
         q.add_argument("--seed", type=int, default=0, help="seed of the noise")
         q.add_argument("--json", help="also write the result as JSON here")
         if name == "points":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, SoflowError
 
-MAX_NFE = 10_000  # evaluations per sample; flow matching's finest ODE grids use about 1000
+MAX_NFE = 10_000  # steps per sample (Heun: 2 steps - 1 evaluations); flow matching's finest ODE grids use about 1000
 
 
 def cmd_sample(args) -> int:
@@ -58,7 +58,7 @@ def check_arguments(args) -> None:
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     if args.nfe > MAX_NFE:
-        raise ConfigError(f"--nfe {args.nfe}: at most {MAX_NFE} network evaluations per sample")
+        raise ConfigError(f"--nfe {args.nfe}: at most {MAX_NFE} steps per sample")
     check_seed(args.seed)
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise ConfigError(f"--guidance must be a finite number, got {args.guidance}")
