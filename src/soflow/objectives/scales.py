@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..data import traits
 from . import checks
 
 GUIDANCE_DISTRIBUTIONS = ("uniform", "log-uniform")
@@ -84,7 +85,7 @@ def check_labels(loss, has_labels: bool, data_name: str, key: str) -> None:
     velocity, which only the label-dropped rows train.  `key` prefixes the setting names."""
     w_range = list(loss.guidance_range)
     if not has_labels:
-        fix = " (or data.conditional=true)" if data_name in ("fmnist", "cifar10") else ""
+        fix = " (or data.conditional=true)" if traits(data_name).labels == "optional" else ""
         raise ValueError(f"{key}guidance_range={w_range}: guidance as a network input needs class labels, but "
                          f"data.name={data_name} gives none; set {key}guidance_range=null{fix}")
     if loss.cfg_drop_rate == 0:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..data import traits
 from ..paths import conditional_velocity, expand_as_rows, interpolate, mean_per_row
 from ..solution import SolutionFlow
 from ..times import SCHEDULES, consistency_times, guidance_decay, logit_normal, middle_ratio
@@ -321,7 +322,7 @@ def check_labels_for_guidance(loss: SoFlowLoss, has_labels: bool, data_name: str
         set_keys = [f"{key}{k}={v}" for k, v, off in (("cfg_scale", w, 1), ("mix_ratio", m, 1),
                                                          ("cfg_drop_rate", drop, 0)) if v != off]
         if set_keys:
-            fix = " or data.conditional=true" if data_name in ("fmnist", "cifar10") else ""
+            fix = " or data.conditional=true" if traits(data_name).labels == "optional" else ""
             raise ValueError(f"{', '.join(set_keys)}: training-time guidance needs class labels, but data.name="
                              f"{data_name} gives none; set {key}cfg_scale=1, {key}mix_ratio=1 and "
                              f"{key}cfg_drop_rate=0{fix}")
