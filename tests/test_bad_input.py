@@ -8,7 +8,7 @@ import stat
 import pytest
 import torch
 
-from helpers import TINY, assert_one_line_error, soflow
+from helpers import TINY, assert_one_line_error, soflow, soflow_inproc
 from soflow.nets import build
 from soflow.sampling import ode_sample, sample
 from soflow.solution import SolutionFlow
@@ -21,7 +21,7 @@ from test_data import fake_fmnist
 def toy_run(tmp_path_factory):
     """A finished two-step toy run (unconditional, 2-D points)."""
     run = tmp_path_factory.mktemp("toy") / "run"
-    soflow("train", "--config", "toy2d", "--run-dir", run, *TINY, "--set", "train.total_steps=2", check=True)
+    soflow_inproc("train", "--config", "toy2d", "--run-dir", run, *TINY, "--set", "train.total_steps=2", check=True)
     return run
 
 
@@ -35,7 +35,7 @@ def test_run_dir_that_cannot_be_written(tmp_path, toy_run):
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
     for run_dir in (a_file, a_file / "run"):  # the folder is a file / lies under a file
-        proc = soflow("train", "--config", "toy2d", "--run-dir", run_dir, *TINY)
+        proc = soflow_inproc("train", "--config", "toy2d", "--run-dir", run_dir, *TINY)
         assert_one_line_error(proc, f"--run-dir {run_dir}", f"{a_file} is a file, not a folder")
 
     # An existing run whose checkpoints/ cannot take a file: refused before the first step, not at the
@@ -44,7 +44,7 @@ def test_run_dir_that_cannot_be_written(tmp_path, toy_run):
     shutil.copytree(toy_run, run)
     shutil.rmtree(run / "checkpoints")
     (run / "checkpoints").write_text("not a folder")
-    proc = soflow("train", "--config", "toy2d", "--run-dir", run, *TINY, "--set", "train.total_steps=4")
+    proc = soflow_inproc("train", "--config", "toy2d", "--run-dir", run, *TINY, "--set", "train.total_steps=4")
     assert_one_line_error(proc, f"{run / 'checkpoints'} is a file, not a folder")
     assert "step" not in proc.stdout  # nothing was trained
     (run / "checkpoints").unlink()
@@ -59,7 +59,7 @@ def test_sample_out_that_cannot_be_written(tmp_path, toy_run):
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
     for out in (a_file / "x.png", a_file / "deeper" / "x.npy"):
-        proc = soflow("sample", "--checkpoint", toy_run, "--num", 4, "--out", out)
+        proc = soflow_inproc("sample", "--checkpoint", toy_run, "--num", 4, "--out", out)
         assert_one_line_error(proc, f"--out {out}", f"{a_file} is a file, not a folder")
     assert list(tmp_path.iterdir()) == [a_file]
     locked = tmp_path / "locked"
@@ -73,10 +73,11 @@ def test_sample_out_that_cannot_be_written(tmp_path, toy_run):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
 def test_cuda_asked_for_without_a_gpu(tmp_path, toy_run):
-    proc = soflow("train", "--config", "toy2d", "--run-dir", tmp_path / "run", *TINY, "--set", "train.device=cuda")
+    proc = soflow_inproc("train", "--config", "toy2d", "--run-dir", tmp_path / "run", *TINY,
+                         "--set", "train.device=cuda")
     assert_one_line_error(proc, "no CUDA device", "use cpu or auto")
     assert not (tmp_path / "run" / "checkpoints").exists()
-    proc = soflow("sample", "--checkpoint", toy_run, "--device", "cuda", "--out", tmp_path / "x.png")
+    proc = soflow_inproc("sample", "--checkpoint", toy_run, "--device", "cuda", "--out", tmp_path / "x.png")
     assert_one_line_error(proc, "no CUDA device")
 
 
@@ -89,7 +90,7 @@ def test_cuda_asked_for_without_a_gpu(tmp_path, toy_run):
     (["--guidance", "3"], "the model is unconditional"),  # used to be ignored silently
 ])
 def test_sample_arguments(tmp_path, toy_run, args, needle):
-    proc = soflow("sample", "--checkpoint", toy_run, *args, "--out", tmp_path / "x.png")
+    proc = soflow_inproc("sample", "--checkpoint", toy_run, *args, "--out", tmp_path / "x.png")
     assert_one_line_error(proc, needle)
     assert not (tmp_path / "x.png").exists()
 
@@ -100,10 +101,10 @@ def test_eval_arguments(tmp_path, toy_run):
                          (["fmnist", "--per-class", "0"], "--per-class must be >= 1, got 0"),
                          (["points", "--json", tmp_path / "a-file" / "x.json"], "cannot write there")]:
         (tmp_path / "a-file").write_text("x")
-        assert_one_line_error(soflow("eval", *args[:1], "--checkpoint", toy_run, *args[1:]), needle)
+        assert_one_line_error(soflow_inproc("eval", *args[:1], "--checkpoint", toy_run, *args[1:]), needle)
     # A folder where the JSON file goes: the OS error, for a path the user gave, is one line too.
     (tmp_path / "out.json").mkdir()
-    proc = soflow("eval", "points", "--checkpoint", toy_run, "--num", 8, "--json", tmp_path / "out.json")
+    proc = soflow_inproc("eval", "points", "--checkpoint", toy_run, "--num", 8, "--json", tmp_path / "out.json")
     assert_one_line_error(proc, f"{tmp_path / 'out.json'}: Is a directory")
 
 
@@ -112,12 +113,14 @@ def test_eval_arguments(tmp_path, toy_run):
 def test_guidance_of_a_model_trained_without_label_dropout(tmp_path):
     data = fake_fmnist(tmp_path / "fm", n=20)
     run = tmp_path / "run"
-    soflow("train", "--config", "fmnist", "--run-dir", run, "--set", f"data.path={data}", "--set", "train.batch_size=4",
-           "--set", "train.total_steps=1", "--set", "train.sample_nfe=[1]",
-           "--set", "model.net_args={patch_size: 7, hidden_size: 16, depth: 1, num_heads: 2}",
-           "--set", "objective.cfg_scale=1", "--set", "objective.mix_ratio=1", "--set", "objective.cfg_drop_rate=0",
-           check=True)
-    proc = soflow("sample", "--checkpoint", run, "--num", 4, "--guidance", 3, "--out", tmp_path / "x.png")
+    soflow_inproc("train", "--config", "fmnist", "--run-dir", run, "--set", f"data.path={data}",
+                  "--set", "train.batch_size=4",
+                  "--set", "train.total_steps=1", "--set", "train.sample_nfe=[1]",
+                  "--set", "model.net_args={patch_size: 7, hidden_size: 16, depth: 1, num_heads: 2}",
+                  "--set", "objective.cfg_scale=1", "--set", "objective.mix_ratio=1",
+                  "--set", "objective.cfg_drop_rate=0",
+                  check=True)
+    proc = soflow_inproc("sample", "--checkpoint", run, "--num", 4, "--guidance", 3, "--out", tmp_path / "x.png")
     assert_one_line_error(proc, "--guidance 3.0", "no unconditional (null) class")
 
 
@@ -166,14 +169,16 @@ def test_exponent_schedule_needs_positive_ratios():
 
 def test_bad_value_and_bad_config_files_through_the_cli(tmp_path):
     run = tmp_path / "run"
-    proc = soflow("train", "--config", "toy2d", "--run-dir", run, "--set", "train.lr=.nan", "--dry-run")
+    proc = soflow_inproc("train", "--config", "toy2d", "--run-dir", run, "--set", "train.lr=.nan", "--dry-run")
     assert_one_line_error(proc, "train.lr: must be a finite number")
     empty = tmp_path / "empty.yaml"
     empty.write_text("# only a comment\n")
-    assert_one_line_error(soflow("train", "--config", empty, "--run-dir", run, "--dry-run"), str(empty), "is empty")
+    assert_one_line_error(soflow_inproc("train", "--config", empty, "--run-dir", run, "--dry-run"),
+                          str(empty), "is empty")
     binary = tmp_path / "weights.yaml"
     binary.write_bytes(bytes(range(128, 256)) * 4)
-    assert_one_line_error(soflow("train", "--config", binary, "--run-dir", run, "--dry-run"), str(binary), "not UTF-8")
+    assert_one_line_error(soflow_inproc("train", "--config", binary, "--run-dir", run, "--dry-run"),
+                          str(binary), "not UTF-8")
     assert not run.exists()
 
 
