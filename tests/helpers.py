@@ -38,6 +38,10 @@ def soflow(*args, timeout=300, check=False, env=None, unprivileged=False, **kw) 
     return proc
 
 
+def _print_warning(message, category, filename, lineno, file=None, line=None):
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def soflow_inproc(*args, check=False, env=None) -> subprocess.CompletedProcess:
     """`soflow ARGS` through `soflow.cli.main` in this process, without the 2-4 s of a fresh torch import.
 
@@ -65,7 +69,7 @@ def soflow_inproc(*args, check=False, env=None) -> subprocess.CompletedProcess:
             warnings.resetwarnings()
             for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
                 warnings.simplefilter("ignore", category)
-            warnings.showwarning = warnings._showwarning_orig
+            warnings.showwarning = _print_warning  # not pytest's recorder
             try:
                 code = main(argv)
             except SystemExit as e:  # argparse: --help, --version, usage errors
