@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import assert_one_line_error, soflow
+from helpers import assert_one_line_error, soflow_inproc
 from soflow.data.images import FASHION_MNIST_DIR, center_crop_arr, fashion_mnist
 
 FAST = ["--set", "train.log_every=2", "--set", "train.checkpoint_every=100", "--set", "train.sample_nfe=[1]"]
@@ -38,15 +38,16 @@ def fake_fmnist(folder: Path, n=64):
 def test_fmnist_pipeline_end_to_end(tmp_path):
     data = fake_fmnist(tmp_path / "fm")
     run = tmp_path / "run"
-    soflow("train", "--config", "fmnist", "--run-dir", run, "--set", f"data.path={data}", "--set", "train.batch_size=16",
-           "--set", "train.total_steps=3", *FAST, *SMALL_UNET[:2], "--set",
-           "model.net_args={model_channels: 16, channel_mult: [1, 2], num_blocks: 1, attn_resolutions: [14]}", check=True)
+    soflow_inproc("train", "--config", "fmnist", "--run-dir", run, "--set", f"data.path={data}",
+                  "--set", "train.batch_size=16", "--set", "train.total_steps=3", *FAST, *SMALL_UNET[:2], "--set",
+                  "model.net_args={model_channels: 16, channel_mult: [1, 2], num_blocks: 1, attn_resolutions: [14]}",
+                  check=True)
     grids = list((run / "samples").glob("*.png"))
     assert grids and Image.open(grids[0]).size == (28 * 10, 28 * 10)  # one row per class
-    soflow("sample", "--checkpoint", run, "--num", "6", "--class", "3", "--out", tmp_path / "s.npz", check=True)
+    soflow_inproc("sample", "--checkpoint", run, "--num", "6", "--class", "3", "--out", tmp_path / "s.npz", check=True)
     arr = np.load(tmp_path / "s.npz")["arr_0"]
     assert arr.shape == (6, 28, 28, 1) and arr.dtype == np.uint8
-    soflow("sample", "--checkpoint", run, "--num", "4", "--out", tmp_path / "pngs", check=True)
+    soflow_inproc("sample", "--checkpoint", run, "--num", "4", "--out", tmp_path / "pngs", check=True)
     assert len(list((tmp_path / "pngs").glob("*.png"))) == 4
 
 
@@ -68,7 +69,7 @@ def test_malformed_fmnist_is_one_line(tmp_path, damage, needle):
         write_idx(data / "train-labels-idx1-ubyte.gz", 2049, np.full(20, 12))
     else:
         (data / "train-labels-idx1-ubyte.gz").unlink()
-    proc = soflow("train", "--config", "fmnist", "--run-dir", tmp_path / "run", "--set", f"data.path={data}")
+    proc = soflow_inproc("train", "--config", "fmnist", "--run-dir", tmp_path / "run", "--set", f"data.path={data}")
     assert_one_line_error(proc, needle, "fm/train-")
 
 
@@ -85,13 +86,14 @@ def write_cifar(folder: Path, n=16):
 def test_cifar10_preset_with_augmentation_end_to_end(tmp_path):
     data = write_cifar(tmp_path / "cifar")
     run = tmp_path / "run"
-    soflow("train", "--config", "cifar10-unet", "--run-dir", run, "--set", f"data.path={data}", "--set",
-           "train.batch_size=8", "--set", "train.total_steps=3", *FAST, *SMALL_UNET[:2], "--set",
-           "model.net_args={model_channels: 16, channel_mult: [1, 2], num_blocks: 1, attn_resolutions: [16]}", check=True)
+    soflow_inproc("train", "--config", "cifar10-unet", "--run-dir", run, "--set", f"data.path={data}", "--set",
+                  "train.batch_size=8", "--set", "train.total_steps=3", *FAST, *SMALL_UNET[:2], "--set",
+                  "model.net_args={model_channels: 16, channel_mult: [1, 2], num_blocks: 1, attn_resolutions: [16]}",
+                  check=True)
     ckpt = torch.load(sorted((run / "checkpoints").glob("*.pt"))[-1], weights_only=True)
     assert ckpt["net"]["map_augment.weight"].shape[1] == 6  # augment labels feed the U-Net
     assert ckpt["config"]["data"]["augment_p"] == 0.12 and ckpt["num_classes"] == 0
-    soflow("sample", "--checkpoint", run, "--num", "5", "--out", tmp_path / "c.npz", check=True)
+    soflow_inproc("sample", "--checkpoint", run, "--num", "5", "--out", tmp_path / "c.npz", check=True)
     assert np.load(tmp_path / "c.npz")["arr_0"].shape == (5, 32, 32, 3)
 
 
@@ -99,7 +101,8 @@ def test_cifar_batches_refuse_foreign_pickles(tmp_path):
     data = write_cifar(tmp_path / "cifar", n=4)
     with open(data / "data_batch_3", "wb") as f:
         pickle.dump({b"data": Path("x"), b"labels": []}, f)
-    proc = soflow("train", "--config", "cifar10-unet", "--run-dir", tmp_path / "run", "--set", f"data.path={data}")
+    proc = soflow_inproc("train", "--config", "cifar10-unet", "--run-dir", tmp_path / "run",
+                         "--set", f"data.path={data}")
     assert_one_line_error(proc, "data_batch_3", "not a CIFAR-10 python batch")
 
 
@@ -141,15 +144,17 @@ def test_center_crop_matches_adm_rule():
 def test_image_folder_end_to_end_and_empty_folder(tmp_path):
     root = write_folder(tmp_path / "imgs")
     run = tmp_path / "run"
-    soflow("train", "--config", "toy2d", "--run-dir", run, "--set", "data.name=imagefolder", "--set", f"data.path={root}",
-           "--set", "data.resolution=16", "--set", "data.num_workers=2", "--set", "model.net=dit-tiny",
-           "--set", "model.net_args={}", "--set", "train.batch_size=4", "--set", "train.total_steps=3",
-           "--set", "objective.cfg_drop_rate=0.1", "--set", "objective.cfg_scale=2", *FAST, check=True)
-    soflow("sample", "--checkpoint", run, "--num", "3", "--class", "1", "--out", tmp_path / "g.png", check=True)
+    soflow_inproc("train", "--config", "toy2d", "--run-dir", run, "--set", "data.name=imagefolder",
+                  "--set", f"data.path={root}",
+                  "--set", "data.resolution=16", "--set", "data.num_workers=2", "--set", "model.net=dit-tiny",
+                  "--set", "model.net_args={}", "--set", "train.batch_size=4", "--set", "train.total_steps=3",
+                  "--set", "objective.cfg_drop_rate=0.1", "--set", "objective.cfg_scale=2", *FAST, check=True)
+    soflow_inproc("sample", "--checkpoint", run, "--num", "3", "--class", "1", "--out", tmp_path / "g.png", check=True)
     assert Image.open(tmp_path / "g.png").size[0] % 16 == 0
     (tmp_path / "empty" / "a").mkdir(parents=True)
-    proc = soflow("train", "--config", "toy2d", "--run-dir", tmp_path / "r2", "--set", "data.name=imagefolder",
-                  "--set", f"data.path={tmp_path / 'empty'}", "--set", "model.net=dit-tiny", "--set", "model.net_args={}")
+    proc = soflow_inproc("train", "--config", "toy2d", "--run-dir", tmp_path / "r2", "--set", "data.name=imagefolder",
+                         "--set", f"data.path={tmp_path / 'empty'}", "--set", "model.net=dit-tiny",
+                         "--set", "model.net_args={}")
     assert_one_line_error(proc, "empty", "no images found")
 
 
@@ -168,25 +173,25 @@ def test_latents_encode_resume_train_and_decode(tmp_path):
     vae = tiny_vae(tmp_path / "vae")
     out = tmp_path / "latents"
     args = ("encode-latents", "--data", root, "--vae", vae, "--out", out, "--resolution", "16", "--shard-size", "4")
-    soflow(*args, check=True)
+    soflow_inproc(*args, check=True)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["num_shards"] == 3 and meta["classes"] == ["cats", "dogs"]
     assert np.load(out / "shard-00000" / "mean.npy").shape == (4, 4, 8, 8)
     # resumable: only the missing shard is encoded again
     before = (out / "shard-00000" / "mean.npy").stat().st_mtime_ns
     shutil.rmtree(out / "shard-00002")
-    proc = soflow(*args, check=True)
+    proc = soflow_inproc(*args, check=True)
     assert "encoded 1 shard" in proc.stdout and (out / "shard-00000" / "mean.npy").stat().st_mtime_ns == before
     run = tmp_path / "run"
-    proc = soflow("train", "--config", "imagenet-dit-b4", "--run-dir", run, "--set", f"data.path={out}", "--set",
-                  f"data.vae={vae}", "--set", "model.net=dit-tiny", "--set", "train.batch_size=4", "--set",
-                  "train.total_steps=3", *FAST, "--set", "train.device=cpu", check=True)
+    proc = soflow_inproc("train", "--config", "imagenet-dit-b4", "--run-dir", run, "--set", f"data.path={out}", "--set",
+                         f"data.vae={vae}", "--set", "model.net=dit-tiny", "--set", "train.batch_size=4", "--set",
+                         "train.total_steps=3", *FAST, "--set", "train.device=cpu", check=True)
     grids = sorted((run / "samples").glob("*.png"))
     assert grids and "no data.vae" not in proc.stderr
     for png in grids:  # decoded RGB grids, not blank
         pixels = np.asarray(Image.open(png).convert("RGB"))
         assert pixels.dtype == np.uint8 and pixels.shape[2] == 3 and pixels.std() > 0
-    soflow("sample", "--checkpoint", run, "--num", "2", "--out", tmp_path / "x.npz", check=True)
+    soflow_inproc("sample", "--checkpoint", run, "--num", "2", "--out", tmp_path / "x.npz", check=True)
     arr = np.load(tmp_path / "x.npz")["arr_0"]
     assert arr.shape == (2, 16, 16, 3) and arr.dtype == np.uint8 and arr.std() > 0
 
@@ -206,9 +211,10 @@ def test_reference_hdf5_latents_train(tmp_path):
     assert x.shape == (6, 4, 8, 8) and data.num_classes == 1000 and y.max() < 1000
     x2, _ = data.batch(0, 1, 0, 1, 6)
     assert not torch.equal(x, x2)  # a fresh posterior draw every step
-    proc = soflow("train", "--config", "imagenet-dit-b4", "--run-dir", tmp_path / "run", "--set",
-                  f"data.path={tmp_path / 'imagenet_latent.hdf5'}", "--set", "model.net=dit-tiny", "--set",
-                  "train.batch_size=4", "--set", "train.total_steps=2", *FAST, "--set", "train.device=cpu", check=True)
+    proc = soflow_inproc("train", "--config", "imagenet-dit-b4", "--run-dir", tmp_path / "run", "--set",
+                         f"data.path={tmp_path / 'imagenet_latent.hdf5'}", "--set", "model.net=dit-tiny", "--set",
+                         "train.batch_size=4", "--set", "train.total_steps=2", *FAST, "--set", "train.device=cpu",
+                         check=True)
     # without a decoder the preview grids are skipped, and the run says so once
     assert proc.stderr.count("no data.vae: latent sample grids are not decoded") == 1
 
