@@ -5,12 +5,12 @@ import contextlib
 import io
 import os
 import random
-import signal
-import warnings
 import shutil
+import signal
 import subprocess
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -76,7 +76,7 @@ def soflow_inproc(*args, check=False, env=None) -> subprocess.CompletedProcess:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
                 if e.code is not None and not isinstance(e.code, int):
                     print(e.code, file=sys.stderr)
-            except Exception:  # a fault: its traceback and status 1, as from `python -m soflow`
+            except Exception:  # noqa: BLE001  a fault: its traceback and status 1, as from `python -m soflow`
                 traceback.print_exc()
                 code = 1
     finally:
@@ -86,7 +86,9 @@ def soflow_inproc(*args, check=False, env=None) -> subprocess.CompletedProcess:
             else:
                 os.environ[k] = v
         torch.set_num_threads(threads)
-        torch.set_rng_state(rng[0]), np.random.set_state(rng[1]), random.setstate(rng[2])
+        torch.set_rng_state(rng[0])
+        np.random.set_state(rng[1])
+        random.setstate(rng[2])
         for s, h in handlers.items():
             if signal.getsignal(s) is not h:
                 signal.signal(s, h)
