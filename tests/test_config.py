@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from helpers import DATA, assert_one_line_error, soflow
+from helpers import DATA, assert_one_line_error, soflow_inproc
 from soflow.run.config import ConfigError, load
 
 
@@ -36,13 +36,14 @@ def test_bad_overrides_name_the_key(override, needle):
 
 
 def test_cli_misspelt_key_is_one_line_without_traceback(tmp_path):
-    proc = soflow("train", "--config", "toy2d", "--run-dir", tmp_path / "run", "--set", "train.totl_steps=5")
+    proc = soflow_inproc("train", "--config", "toy2d", "--run-dir", tmp_path / "run", "--set", "train.totl_steps=5")
     assert_one_line_error(proc, "train.totl_steps")
     assert not (tmp_path / "run").exists()
 
 
 def test_cli_dry_run_prints_resolved_config(tmp_path):
-    proc = soflow("train", "--config", "toy2d", "--run-dir", tmp_path / "run", "--dry-run", "--set", "train.seed=9", check=True)
+    proc = soflow_inproc("train", "--config", "toy2d", "--run-dir", tmp_path / "run", "--dry-run",
+                         "--set", "train.seed=9", check=True)
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["train"]["seed"] == 9 and cfg["method"] == "soflow"
     assert not (tmp_path / "run").exists()
@@ -50,7 +51,7 @@ def test_cli_dry_run_prints_resolved_config(tmp_path):
 
 @pytest.mark.parametrize("name", ["reference_cifar.yaml", "reference_imagenet.yaml"])
 def test_reference_yaml_files_pass_dry_run(name, tmp_path):
-    proc = soflow("train", "--config", DATA / name, "--run-dir", tmp_path / "run", "--dry-run", check=True)
+    proc = soflow_inproc("train", "--config", DATA / name, "--run-dir", tmp_path / "run", "--dry-run", check=True)
     cfg = yaml.safe_load(proc.stdout)
     if "cifar" in name:
         assert cfg["model"]["net"] == "unet-cifar10" and cfg["data"]["name"] == "cifar10"
@@ -67,7 +68,7 @@ def test_reference_yaml_files_pass_dry_run(name, tmp_path):
 def test_reference_yaml_with_unknown_key_is_rejected(tmp_path):
     text = (DATA / "reference_cifar.yaml").read_text() + "\nwarmup_steps: 10\n"
     (tmp_path / "c.yaml").write_text(text)
-    proc = soflow("train", "--config", tmp_path / "c.yaml", "--run-dir", tmp_path / "run", "--dry-run")
+    proc = soflow_inproc("train", "--config", tmp_path / "c.yaml", "--run-dir", tmp_path / "run", "--dry-run")
     assert_one_line_error(proc, "unknown key 'warmup_steps'")
 
 
@@ -87,9 +88,9 @@ def test_imagenet_presets_come_from_one_template(size, steps):
 
 
 def test_template_alone_is_one_line_error(tmp_path):
-    proc = soflow("train", "--config", "imagenet-dit", "--run-dir", tmp_path / "run", "--dry-run")
+    proc = soflow_inproc("train", "--config", "imagenet-dit", "--run-dir", tmp_path / "run", "--dry-run")
     assert_one_line_error(proc, "a template of presets (imagenet-dit-b4")
 
 def test_unknown_preset_lists_presets(tmp_path):
-    proc = soflow("train", "--config", "toy3d", "--run-dir", tmp_path / "run")
+    proc = soflow_inproc("train", "--config", "toy3d", "--run-dir", tmp_path / "run")
     assert_one_line_error(proc, "toy3d", "toy2d")
