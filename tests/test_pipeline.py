@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import TINY, assert_one_line_error, soflow
+from helpers import TINY, assert_one_line_error, soflow, soflow_inproc
 from soflow import Pipeline, SolutionFlow
 from soflow.errors import CheckpointError
 from soflow.nets import build
@@ -18,15 +18,15 @@ from test_hostile import evil_torch_file, marker, plain_refusal  # noqa: F401  (
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     run = tmp_path_factory.mktemp("pipe") / "run"
-    soflow("train", "--config", "toy2d", "--run-dir", run, *TINY, "--set", "train.total_steps=20", check=True)
+    soflow_inproc("train", "--config", "toy2d", "--run-dir", run, *TINY, "--set", "train.total_steps=20", check=True)
     return run
 
 
 def test_pipeline_samples_are_those_of_soflow_sample(run, tmp_path):
     pipe = Pipeline.from_pretrained(run)
     x = pipe(num=300, nfe=2, seed=3, output="tensor", batch_size=64)
-    soflow("sample", "--checkpoint", run, "--num", "300", "--nfe", "2", "--seed", "3", "--out", tmp_path / "x.npy",
-           check=True)
+    soflow_inproc("sample", "--checkpoint", run, "--num", "300", "--nfe", "2", "--seed", "3",
+                  "--out", tmp_path / "x.npy", check=True)
     assert torch.equal(x, torch.from_numpy(np.load(tmp_path / "x.npy")))
     assert (pipe.config.method, pipe.step, pipe.is_points) == ("soflow", 20, True)
     with pytest.raises(ValueError, match="2-D points, not images"):
@@ -35,7 +35,7 @@ def test_pipeline_samples_are_those_of_soflow_sample(run, tmp_path):
 
 def test_export_writes_the_hub_layout_that_opens_with_the_same_samples(run, tmp_path):
     hub = tmp_path / "hub"
-    proc = soflow("export", "--checkpoint", run, "--out", hub, check=True)
+    proc = soflow_inproc("export", "--checkpoint", run, "--out", hub, check=True)
     assert "written to" in proc.stdout
     assert sorted(p.name for p in hub.iterdir()) == ["README.md", "config.json", "model.safetensors", "samples.png"]
     info = json.loads((hub / "config.json").read_text())
@@ -48,7 +48,7 @@ def test_export_writes_the_hub_layout_that_opens_with_the_same_samples(run, tmp_
     b = Pipeline.from_pretrained(hub)(num=50, nfe=1, seed=1, output="tensor")
     assert torch.equal(a, b)
     # a folder that holds something is refused in one line, and left as it was
-    assert_one_line_error(soflow("export", "--checkpoint", run, "--out", hub), "not empty")
+    assert_one_line_error(soflow_inproc("export", "--checkpoint", run, "--out", hub), "not empty")
     assert json.loads((hub / "config.json").read_text()) == info
 
 
