@@ -1,4 +1,4 @@
-"""The training system end to end, through the real command line in subprocesses."""
+"""The training system end to end, through the real command line (in-process where the process does not matter)."""
 
 import json
 import signal
@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY, assert_one_line_error, soflow
+from helpers import TINY, assert_one_line_error, soflow, soflow_inproc
 from soflow.run.checkpoint import list_checkpoints, read_checkpoint
 
 
-def train(run, *extra, **kw):
-    return soflow("train", "--config", "toy2d", "--run-dir", run, *TINY, *extra, **kw)
+def train(run, *extra, inproc=True, **kw):
+    """`soflow train` on the tiny toy run: in this process, or with inproc=False in a subprocess."""
+    return (soflow_inproc if inproc else soflow)("train", "--config", "toy2d", "--run-dir", run, *TINY, *extra, **kw)
 
 
 def assert_scatter_png(path):
@@ -128,7 +129,7 @@ def test_points_data_and_missing_file(tmp_path):
     train(tmp_path / "run", "--set", "data.name=points", "--set", f"data.path={tmp_path / 'p.npy'}",
           "--set", "train.total_steps=6", check=True)
     out = tmp_path / "x.npy"
-    soflow("sample", "--checkpoint", tmp_path / "run", "--num", "10", "--out", out, check=True)
+    soflow_inproc("sample", "--checkpoint", tmp_path / "run", "--num", "10", "--out", out, check=True)
     assert np.load(out).shape == (10, 3)
     proc = train(tmp_path / "run2", "--set", "data.name=points", "--set", f"data.path={tmp_path / 'none.npy'}")
     assert_one_line_error(proc, "none.npy", "[N, D] float array")
@@ -158,26 +159,30 @@ def test_sample_outputs_are_reproducible(tmp_path):
     run = tmp_path / "run"
     train(run, "--set", "train.total_steps=5", check=True)
     a, b, c = tmp_path / "a.npy", tmp_path / "b.npy", tmp_path / "c.npy"
-    soflow("sample", "--checkpoint", run, "--num", "50", "--seed", "3", "--out", a, check=True)
-    soflow("sample", "--checkpoint", run, "--num", "50", "--seed", "3", "--batch-size", "7", "--out", b, check=True)
-    soflow("sample", "--checkpoint", run, "--num", "50", "--seed", "4", "--out", c, check=True)
+    soflow_inproc("sample", "--checkpoint", run, "--num", "50", "--seed", "3", "--out", a, check=True)
+    soflow_inproc("sample", "--checkpoint", run, "--num", "50", "--seed", "3", "--batch-size", "7", "--out", b,
+                  check=True)
+    soflow_inproc("sample", "--checkpoint", run, "--num", "50", "--seed", "4", "--out", c, check=True)
     assert np.allclose(np.load(a), np.load(b), atol=1e-6) and not np.allclose(np.load(a), np.load(c))
     export = next((run / "exports").glob("*.safetensors"))
-    soflow("sample", "--checkpoint", export, "--num", "50", "--seed", "3", "--out", tmp_path / "e.npy", check=True)
+    soflow_inproc("sample", "--checkpoint", export, "--num", "50", "--seed", "3", "--out", tmp_path / "e.npy",
+                  check=True)
     assert np.allclose(np.load(a), np.load(tmp_path / "e.npy"), atol=1e-6)
     for out in ("s.png", "s.npz", "s.npy"):
-        soflow("sample", "--checkpoint", run, "--num", "20", "--nfe", "2", "--mode", "chain", "--out", tmp_path / out, check=True)
+        soflow_inproc("sample", "--checkpoint", run, "--num", "20", "--nfe", "2", "--mode", "chain",
+                      "--out", tmp_path / out, check=True)
     with np.load(tmp_path / "s.npz") as npz:  # points go to arr_0 as floats, the same as the raw .npy
         assert list(npz.keys()) == ["arr_0"] and npz["arr_0"].shape == (20, 2) and npz["arr_0"].dtype == np.float32
         assert np.isfinite(npz["arr_0"]).all() and np.array_equal(npz["arr_0"], np.load(tmp_path / "s.npy"))
     assert_scatter_png(tmp_path / "s.png")
-    proc = soflow("sample", "--checkpoint", tmp_path / "nowhere", "--num", "5", "--out", tmp_path / "z.npy")
+    proc = soflow_inproc("sample", "--checkpoint", tmp_path / "nowhere", "--num", "5", "--out", tmp_path / "z.npy")
     assert_one_line_error(proc, "nowhere")
 
 
 def test_compiled_training_saves_plain_names(tmp_path):
     run = tmp_path / "run"
-    train(run, "--set", "train.total_steps=3", "--set", "train.compile=true", check=True, timeout=600)
+    train(run, "--set", "train.total_steps=3", "--set", "train.compile=true", check=True, timeout=600,
+          inproc=False)  # torch.compile's caches and settings stay with the process that compiled
     ckpt = read_checkpoint(list_checkpoints(run)[0][1])
     assert ckpt["step"] == 3 and not any("_orig_mod" in k or "module." in k for k in ckpt["net"])
 
@@ -188,9 +193,10 @@ def test_baseline_methods_train_and_sample(tmp_path, method, modes):
     train(run, "--set", f"method={method}", "--set", "train.total_steps=4", check=True)
     assert read_checkpoint(list_checkpoints(run)[0][1])["config"]["method"] == method
     for mode in modes:
-        soflow("sample", "--checkpoint", run, "--num", "8", "--nfe", "2", "--mode", mode, "--out", tmp_path / f"{mode}.npy",
-               check=True)
+        soflow_inproc("sample", "--checkpoint", run, "--num", "8", "--nfe", "2", "--mode", mode,
+                      "--out", tmp_path / f"{mode}.npy", check=True)
         assert np.load(tmp_path / f"{mode}.npy").shape == (8, 2)
     if method == "flow_matching":  # a velocity model has no solution to jump with
-        proc = soflow("sample", "--checkpoint", run, "--num", "8", "--mode", "renoise", "--out", tmp_path / "x.npy")
+        proc = soflow_inproc("sample", "--checkpoint", run, "--num", "8", "--mode", "renoise",
+                             "--out", tmp_path / "x.npy")
         assert_one_line_error(proc, "--mode renoise")
