@@ -167,8 +167,9 @@ def _count_forwards(net):
     return calls
 
 
-def test_one_forward_per_step_at_any_scale(fixed_and_conditioned):
-    _, (ccfg, cond) = fixed_and_conditioned
+def check_one_forward_per_step(cond, ccfg):
+    """A model with w as an input samples at any w with one forward of the batch per step, and the
+    scale reaches the network: its 1-NFE samples are f(z, 1, 0) = z - F(z, 1, 0 | y, w)."""
     randomize(cond.net.w_embedder, std=0.3, seed=5)  # a trained embedder: w changes the output
     pipe = Pipeline(cond, ccfg)
     calls = _count_forwards(cond.net)
@@ -177,7 +178,6 @@ def test_one_forward_per_step_at_any_scale(fixed_and_conditioned):
             calls.clear()
             pipe.sample(5, nfe, seed=0, guidance=w, mode=mode)
             assert calls == [5] * nfe  # one forward of the batch itself per step, never a doubled one
-    # the scale is the network's input: 1-NFE samples are f(z, 1, 0) = z - F(z, 1, 0 | y, w)
     z, y = draw_inputs(SHAPE, 1, 10, 0, range(5))
     z = z[:, 0]
     outs = {}
@@ -187,6 +187,11 @@ def test_one_forward_per_step_at_any_scale(fixed_and_conditioned):
         outs[w] = pipe.sample(5, 1, seed=0, guidance=w)
         assert torch.allclose(outs[w], want, atol=1e-6)
     assert not torch.allclose(outs[1.5], outs[3.0])
+
+
+def test_one_forward_per_step_at_any_scale(fixed_and_conditioned):
+    _, (ccfg, cond) = fixed_and_conditioned
+    check_one_forward_per_step(cond, ccfg)
 
 
 def test_flow_matching_guidance_keeps_its_two_forwards(tmp_path):

@@ -20,9 +20,9 @@ from soflow.run.build import build_flow, guidance_scales
 from soflow.run.checkpoint import export_safetensors
 from soflow.run.config import load
 from soflow.run.init import initial_weights
-from soflow.sampling import draw_inputs
 from soflow.solution import SolutionFlow
 from test_data import fake_fmnist
+from test_guidance import check_one_forward_per_step
 
 TINY_DIT = "model.net_args={patch_size: 7, hidden_size: 16, depth: 1, num_heads: 2}"
 SHAPE = (1, 28, 28)
@@ -239,32 +239,9 @@ def test_fixed_scale_meanflow_weights_load_into_the_conditioned_network(fixed_an
     assert emb[2].weight.grad.abs().sum() > 0
 
 
-def _count_forwards(net):
-    calls = []
-    net.register_forward_hook(lambda m, args, kwargs, out: calls.append(args[0].shape[0]), with_kwargs=True)
-    return calls
-
-
 def test_one_forward_per_step_at_any_scale(fixed_and_conditioned):
     _, (ccfg, cond) = fixed_and_conditioned
-    randomize(cond.net.w_embedder, std=0.3, seed=5)  # a trained embedder: w changes the output
-    pipe = Pipeline(cond, ccfg)
-    calls = _count_forwards(cond.net)
-    for nfe, mode in ((1, None), (3, "chain"), (3, "renoise")):
-        for w in (1.0, 2.5, 4.0):
-            calls.clear()
-            pipe.sample(5, nfe, seed=0, guidance=w, mode=mode)
-            assert calls == [5] * nfe  # one forward of the batch itself per step, never a doubled one
-    # the scale is the network's input: 1-NFE samples are z - u(z, 1, 0 | y, w)
-    z, y = draw_inputs(SHAPE, 1, 10, 0, range(5))
-    z = z[:, 0]
-    outs = {}
-    for w in (1.5, 3.0):
-        with torch.no_grad():
-            want = z - cond.net(z, torch.ones(5), torch.zeros(5), y, guidance=torch.full((5,), w))
-        outs[w] = pipe.sample(5, 1, seed=0, guidance=w)
-        assert torch.allclose(outs[w], want, atol=1e-6)
-    assert not torch.allclose(outs[1.5], outs[3.0])
+    check_one_forward_per_step(cond, ccfg)
 
 
 # ---------------------------------------------------------------- refusals
