@@ -42,7 +42,7 @@ import torch
 from soflow.data import make_dataset
 from soflow.data.toy_family import FAMILY
 from soflow.eval import energy_distance, sliced_wasserstein2
-from soflow.methods import generate
+from soflow.methods import METHODS
 from soflow.run.config import load
 from soflow.run.load import load_run
 from soflow.train.loop import train
@@ -111,7 +111,7 @@ def run_one(dataset: str, variant: str, seed: int, steps: int, num: int, folder:
     samples = {}
     for key_ in samplers:
         nfe, _, mode = key_.partition("-")
-        x = generate(method, flow, num, int(nfe), mode=mode or None, seed=seed)
+        x = METHODS[method].sample(flow, num, int(nfe), mode=mode or None, seed=seed)
         samples[key_] = x
         out["nfe"][key_] = {"energy_distance": energy_distance(x, ref), "sliced_w2": sliced_wasserstein2(x, ref)}
     if cached is not None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from soflow.eval.run import fmnist_scores
-from soflow.methods import generate
+from soflow.methods import METHODS
 from soflow.run.config import load
 from soflow.run.load import load_run
 from soflow.train.loop import train
@@ -134,7 +134,7 @@ def eval_weights(run: Path, nfe: int, guidance: float, weights: str) -> dict:
     checkpoint, with its EMA or its online weights."""
     cfg, flow, step = load_run(run, weights=weights, warn=lambda m: None)
     labels = torch.arange(10).repeat_interleave(100)
-    x = generate(cfg.method, flow, len(labels), nfe, seed=0, labels=labels, guidance=guidance)
+    x = METHODS[cfg.method].sample(flow, len(labels), nfe, seed=0, labels=labels, guidance=guidance)
     return {"step": step, **fmnist_scores(x, labels, cfg.data.path)}
 
 

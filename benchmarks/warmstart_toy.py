@@ -29,7 +29,7 @@ import torch
 from soflow.data import make_dataset
 from soflow.data.toy_family import FAMILY
 from soflow.eval import energy_distance
-from soflow.methods import generate
+from soflow.methods import METHODS
 from soflow.run.config import load
 from soflow.run.load import load_run
 from soflow.train.loop import train
@@ -50,7 +50,7 @@ def energies(method: str, run: Path, samplers, ref, num: int, seed: int) -> dict
     out = {}
     for key in samplers:
         nfe, _, mode = key.partition("-")
-        out[key] = energy_distance(generate(method, flow, num, int(nfe), mode=mode or None, seed=seed), ref)
+        out[key] = energy_distance(METHODS[method].sample(flow, num, int(nfe), mode=mode or None, seed=seed), ref)
     return out
 
 

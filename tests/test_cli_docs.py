@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import soflow
-from helpers import TINY, assert_one_line_error, soflow as run_soflow
+from helpers import TINY, assert_one_line_error, soflow as run_soflow, soflow_inproc
 from soflow.run.presets import preset_names
 
 STEPS = 100
@@ -131,7 +131,7 @@ def test_eval_points_json(toy, tmp_path):
 
 
 def test_help_of_every_command_describes_it_with_examples():
-    procs = parallel([(*words, "--help") for words, _ in COMMANDS] + [("--version",)])
+    procs = [soflow_inproc(*args) for args in [(*words, "--help") for words, _ in COMMANDS] + [("--version",)]]
     for (words, phrase), proc in zip(COMMANDS, procs):
         assert proc.returncode == 0 and not proc.stderr, proc.stderr
         text = " ".join(proc.stdout.split())  # argparse wraps option help: compare words

@@ -475,7 +475,7 @@ def test_fid_cli_precision_recall_and_sfid(tmp_path, random_inception_weights):
     pytest.importorskip("torch_fidelity")
     import json
 
-    from helpers import soflow
+    from helpers import soflow_inproc
     from soflow.eval.fid import precision_recall
     from soflow.eval.run import fid_against_reference
 
@@ -485,7 +485,7 @@ def test_fid_cli_precision_recall_and_sfid(tmp_path, random_inception_weights):
         np.savez(tmp_path / f"{name}.npz", arr_0=imgs.permute(0, 2, 3, 1).numpy())
     w = ["--inception-weights", random_inception_weights, "--dims", "64", "--device", "cpu"]
     ref = tmp_path / "ref.npz"
-    soflow("fid", "ref", "--images", tmp_path / "b.npz", "--out", ref, "--prc", "--sfid", *w, check=True)
+    soflow_inproc("fid", "ref", "--images", tmp_path / "b.npz", "--out", ref, "--prc", "--sfid", *w, check=True)
     z = np.load(ref)
     assert sorted(z.files) == ["features", "mu", "mu_s", "sigma", "sigma_s"]
     assert z["features"].shape == (12, 64) and z["features"].dtype == np.float32
@@ -493,8 +493,8 @@ def test_fid_cli_precision_recall_and_sfid(tmp_path, random_inception_weights):
     np.testing.assert_allclose(z["mu"], z["features"].astype(np.float64).mean(0), rtol=1e-6, atol=1e-9)
 
     out = tmp_path / "r.json"
-    proc = soflow("fid", "calc", "--images", tmp_path / "a.npz", "--ref", ref, "--prc", "--sfid", "--json", out, *w,
-                  check=True)
+    proc = soflow_inproc("fid", "calc", "--images", tmp_path / "a.npz", "--ref", ref, "--prc", "--sfid",
+                         "--json", out, *w, check=True)
     result = json.loads(proc.stdout)
     assert json.loads(out.read_text()) == result
     assert sorted(result) == ["fid", "num_images", "precision", "recall", "sfid"]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import randomize
-from helpers import assert_one_line_error, soflow
+from helpers import assert_one_line_error, soflow_inproc
 from test_data import fake_fmnist, tiny_vae
 
 pytest.importorskip("torch_fidelity")
@@ -54,8 +54,8 @@ def fid_records(run: Path) -> list[dict]:
 
 def test_scores_logged_best_checkpoint_kept_and_its_score_survives_resume(tmp_path, fid_files):
     run = tmp_path / "run"
-    soflow(*train_args(run, fid_files, *UNCONDITIONAL, "--set", "train.total_steps=5", "--set", "train.fid_every=2"),
-           check=True)
+    soflow_inproc(*train_args(run, fid_files, *UNCONDITIONAL, "--set", "train.total_steps=5",
+                              "--set", "train.fid_every=2"), check=True)
     records = fid_records(run)
     assert [r["step"] for r in records] == [2, 4, 5]  # every 2 steps and at the last one
     assert all(np.isfinite(r["fid_nfe1"]) and np.isfinite(r["fid_nfe2"]) for r in records)
@@ -67,14 +67,14 @@ def test_scores_logged_best_checkpoint_kept_and_its_score_survives_resume(tmp_pa
     from soflow.eval.run import fid_against_reference
 
     _, ref, weights = fid_files
-    soflow("sample", "--checkpoint", run / "checkpoints" / "best-fid.pt", "-n", "8", "--nfe", "1", "--seed", "0",
-           "--out", tmp_path / "best.npz", check=True)
+    soflow_inproc("sample", "--checkpoint", run / "checkpoints" / "best-fid.pt", "-n", "8", "--nfe", "1", "--seed", "0",
+                  "--out", tmp_path / "best.npz", check=True)
     scored = fid_against_reference(str(tmp_path / "best.npz"), ref, weights, "cpu", dims="64")
     assert scored["fid"] == pytest.approx(best["score"], rel=1e-6)
 
     # scoring does not touch the training random streams: the same weights as a run without FID
     plain = tmp_path / "plain"
-    soflow(*train_args(plain, fid_files, *UNCONDITIONAL, "--set", "train.total_steps=5"), check=True)
+    soflow_inproc(*train_args(plain, fid_files, *UNCONDITIONAL, "--set", "train.total_steps=5"), check=True)
     with_fid, without = (torch.load(r / "checkpoints" / "ckpt-00000005.pt", weights_only=True) for r in (run, plain))
     for key in ("net", "ema"):
         assert all(torch.equal(with_fid[key][k], without[key][k]) for k in without[key])
@@ -84,8 +84,8 @@ def test_scores_logged_best_checkpoint_kept_and_its_score_survives_resume(tmp_pa
     blob = torch.load(path, weights_only=True)
     blob["fid"]["score"] = -1.0
     torch.save(blob, path)
-    resumed = soflow(*train_args(run, fid_files, *UNCONDITIONAL, "--set", "train.total_steps=6", "--set",
-                                 "train.fid_every=2", "--set", "train.fid_nfe=[1]"), check=True)
+    resumed = soflow_inproc(*train_args(run, fid_files, *UNCONDITIONAL, "--set", "train.total_steps=6", "--set",
+                                        "train.fid_every=2", "--set", "train.fid_nfe=[1]"), check=True)
     assert f"best FID so far: fid_nfe1 -1.0000 at step {best['step']}" in resumed.stdout
     assert [r["step"] for r in fid_records(run)] == [2, 4, 5, 6]
     assert json.loads((run / "checkpoints" / "best-fid.json").read_text())["step"] == best["step"]
@@ -96,8 +96,8 @@ def test_scores_logged_best_checkpoint_kept_and_its_score_survives_resume(tmp_pa
                                                 ("train.fid_inception", "missing.pth", "Inception weights not found")])
 def test_missing_reference_or_weights_stop_before_the_first_step(tmp_path, fid_files, key, value, needle):
     run = tmp_path / "run"
-    proc = soflow(*train_args(run, fid_files, *UNCONDITIONAL, "--set", "train.total_steps=2", "--set",
-                              "train.fid_every=2", "--set", f"{key}={tmp_path / value}"))
+    proc = soflow_inproc(*train_args(run, fid_files, *UNCONDITIONAL, "--set", "train.total_steps=2", "--set",
+                                     "train.fid_every=2", "--set", f"{key}={tmp_path / value}"))
     assert proc.returncode == 2
     assert_one_line_error(proc, needle, str(tmp_path / value), key)
     assert not (run / "checkpoints").exists()
@@ -166,7 +166,7 @@ def test_chunked_statistics_of_decoded_latents_equal_one_batch(tmp_path, fid_fil
     randomize(flow.net, std=0.05)
     mu, sigma = fid.statistics(flow, 2)
 
-    x = sample(flow, 7, nfe=2, seed=4, labels=torch.arange(7))
+    x = sample(flow, 7, nfe=2, seed=4, labels=torch.arange(7), mode="renoise")  # the preset's train.sample_mode
     images = torch.from_numpy(to_uint8(decode(load_vae(str(vae)), x))).permute(0, 3, 1, 2)
     expected = statistics(InceptionFeatures(weights, device="cpu", features=("64",))(images))
     np.testing.assert_allclose(mu, expected[0], rtol=1e-9, atol=1e-12)

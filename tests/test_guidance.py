@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import randomize
-from helpers import assert_one_line_error, soflow
+from helpers import assert_one_line_error, soflow_inproc
 from soflow import Pipeline
 from soflow.errors import ConfigError
 from soflow.eval.fid import metric_name
@@ -257,15 +257,15 @@ def test_bad_guidance_settings(source, overrides, needle):
 def test_cli_samples_at_a_chosen_scale_and_exports_the_range(tmp_path):
     data = fake_fmnist(tmp_path / "fm", n=20)
     run = tmp_path / "run"
-    soflow("train", "--config", "fmnist-any-guidance", "--run-dir", run, "--set", f"data.path={data}",
-           "--set", "train.batch_size=4", "--set", "train.total_steps=1", "--set", "train.sample_nfe=[1]",
-           "--set", TINY_DIT, check=True)
-    proc = soflow("sample", "--checkpoint", run, "--num", 4, "--guidance", 5, "--out", tmp_path / "x.png")
+    soflow_inproc("train", "--config", "fmnist-any-guidance", "--run-dir", run, "--set", f"data.path={data}",
+                  "--set", "train.batch_size=4", "--set", "train.total_steps=1", "--set", "train.sample_nfe=[1]",
+                  "--set", TINY_DIT, check=True)
+    proc = soflow_inproc("sample", "--checkpoint", run, "--num", 4, "--guidance", 5, "--out", tmp_path / "x.png")
     assert_one_line_error(proc, "--guidance 5.0", "trained on [1, 4]")
-    proc = soflow("sample", "--checkpoint", run, "--num", 4, "--nfe", 1, "--guidance", 3, "--out", tmp_path / "x.npy",
-                  check=True)
+    proc = soflow_inproc("sample", "--checkpoint", run, "--num", 4, "--nfe", 1, "--guidance", 3,
+                         "--out", tmp_path / "x.npy", check=True)
     assert "guidance 3" in proc.stdout and (tmp_path / "x.npy").is_file()
-    soflow("export", "--checkpoint", run, "--out", tmp_path / "hub", check=True)
+    soflow_inproc("export", "--checkpoint", run, "--out", tmp_path / "hub", check=True)
     info = json.loads((tmp_path / "hub" / "config.json").read_text())
     assert info["guidance"] == {"kind": "input", "default": 2.0, "range": [1.0, 4.0]}
     assert "guidance=W" in (tmp_path / "hub" / "README.md").read_text()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import randomize
-from helpers import assert_one_line_error, soflow
+from helpers import assert_one_line_error, soflow_inproc
 from soflow import Pipeline
 from soflow.errors import ConfigError
 from soflow.guidance import GuidanceScales
@@ -292,14 +292,14 @@ def test_short_training_run_samples_differently_at_two_scales(tmp_path):
     sets = [x for o in ANY + [f"data.path={data}", "train.batch_size=8", "train.total_steps=8", "train.lr=0.03",
                                             "train.sample_nfe=[1]"]
             for x in ("--set", o)]
-    soflow("train", "--config", "fmnist", "--run-dir", run, *sets, check=True)
-    proc = soflow("sample", "--checkpoint", run, "--num", 4, "--guidance", 5, "--out", tmp_path / "x.png")
+    soflow_inproc("train", "--config", "fmnist", "--run-dir", run, *sets, check=True)
+    proc = soflow_inproc("sample", "--checkpoint", run, "--num", 4, "--guidance", 5, "--out", tmp_path / "x.png")
     assert_one_line_error(proc, "--guidance 5.0", "trained on [1, 4]")
     outs = {}
     for w in (1.5, 3.5):
         out = tmp_path / f"w{w}.npy"
-        proc = soflow("sample", "--checkpoint", run, "--num", 4, "--nfe", 1, "--class", 3, "--guidance", w,
-                      "--weights", "online", "--out", out, check=True)
+        proc = soflow_inproc("sample", "--checkpoint", run, "--num", 4, "--nfe", 1, "--class", 3, "--guidance", w,
+                             "--weights", "online", "--out", out, check=True)
         assert f"guidance {w:g}" in proc.stdout
         outs[w] = np.load(out)
     assert outs[1.5].shape == outs[3.5].shape and np.isfinite(outs[1.5]).all()
@@ -307,7 +307,7 @@ def test_short_training_run_samples_differently_at_two_scales(tmp_path):
     # DiT's adaLN modulation and its final layer), so its effect grows like (steps x lr)^3: about 1e-2
     # here, and exactly 0 for an untrained embedding
     assert np.abs(outs[1.5] - outs[3.5]).max() > 1e-3
-    soflow("export", "--checkpoint", run, "--out", tmp_path / "hub", check=True)
+    soflow_inproc("export", "--checkpoint", run, "--out", tmp_path / "hub", check=True)
     info = json.loads((tmp_path / "hub" / "config.json").read_text())
     assert info["guidance"] == {"kind": "input", "default": 2.0, "range": [1.0, 4.0]}
     assert "guidance=W" in (tmp_path / "hub" / "README.md").read_text()

@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import TINY, assert_one_line_error, soflow
+from helpers import TINY, assert_one_line_error, soflow_inproc
 from soflow.cli import main
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     run = tmp_path_factory.mktemp("loss") / "run"
-    soflow("train", "--config", "toy2d", "--run-dir", run, *TINY, "--set", "train.total_steps=20",
-           "--set", "train.lr=0.0005", "--set", "train.checkpoint_every=10", "--stop-after", "10", check=True)
+    soflow_inproc("train", "--config", "toy2d", "--run-dir", run, *TINY, "--set", "train.total_steps=20",
+                  "--set", "train.lr=0.0005", "--set", "train.checkpoint_every=10", "--stop-after", "10", check=True)
     return run
 
 
@@ -99,7 +99,7 @@ def test_two_samplers_on_one_output_and_sigterm_say_what_was_kept(run, tmp_path)
         deadline = time.time() + 120
         while time.time() < deadline and not any(".part" in p.name for p in tmp_path.iterdir()):
             time.sleep(0.1)
-        second = soflow("sample", "--checkpoint", run, "-n", "10", "--out", out)
+        second = soflow_inproc("sample", "--checkpoint", run, "-n", "10", "--out", out)
         assert_one_line_error(second, f"--out {out}: another soflow sample is writing it (pid {first.pid}")
         first.send_signal(signal.SIGTERM)
         _, err = first.communicate(timeout=60)
@@ -129,8 +129,8 @@ def test_resume_says_what_it_changes(run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     # the preset's lr comes back when the earlier --set is left out: the console says so
-    proc = soflow("train", "--config", "toy2d", "--run-dir", copy, *TINY, "--set", "train.total_steps=20",
-                  "--set", "train.optimizer=radam", "--stop-after", "2", check=True)
+    proc = soflow_inproc("train", "--config", "toy2d", "--run-dir", copy, *TINY, "--set", "train.total_steps=20",
+                         "--set", "train.optimizer=radam", "--stop-after", "2", check=True)
     assert "train.lr 0.0005 -> 0.002" in proc.stderr
     assert "train.optimizer is radam here but adamw in the checkpoint: radam starts with a fresh state" in proc.stderr
 

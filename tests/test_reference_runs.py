@@ -21,7 +21,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from conftest import randomize
-from helpers import DATA, assert_one_line_error, soflow
+from helpers import DATA, assert_one_line_error, soflow_inproc
 from soflow.nets import build
 from soflow.reference import CheckpointError, convert_reference_run
 from soflow.run.checkpoint import list_checkpoints, read_checkpoint
@@ -175,7 +175,8 @@ def max_difference(a: dict, b: dict) -> float:
 def test_converted_run_continues_with_the_reference_optimizer_state(tmp_path, name):
     setup, blob, config = prepare(tmp_path, name)
     run = tmp_path / "run"
-    soflow("convert-reference", "--checkpoint", tmp_path / "reference.pt", "--config", config, "--out", run, check=True)
+    soflow_inproc("convert-reference", "--checkpoint", tmp_path / "reference.pt", "--config", config, "--out", run,
+                  check=True)
     converted = read_checkpoint(list_checkpoints(run)[0][1])
     assert converted["step"] == REFERENCE_STEPS
     assert len(converted["optimizer"]["state"]) == len(blob["optimizer"]["state"]) > 0
@@ -241,7 +242,7 @@ def test_optimizer_state_that_does_not_fit_is_one_line_naming_the_file(tmp_path)
         opt["state"][first]["exp_avg"] = opt["state"][first]["exp_avg"][:1]
 
     tamper(ckpt, shrink)
-    proc = soflow("convert-reference", "--checkpoint", ckpt, "--config", config, "--out", tmp_path / "run")
+    proc = soflow_inproc("convert-reference", "--checkpoint", ckpt, "--config", config, "--out", tmp_path / "run")
     assert_one_line_error(proc, str(ckpt), f"exp_avg of {name} has shape")
     assert not (tmp_path / "run").exists()
 
@@ -360,8 +361,8 @@ def test_refused_setting_still_opens_as_a_trained_run_and_leaves_other_methods_a
 
 
 def test_guidance_refusal_through_the_cli_dry_run(tmp_path):
-    proc = soflow("train", "--config", "fmnist", "--run-dir", tmp_path / "run", "--set", "objective.cfg_scale=1",
-                  "--dry-run")
+    proc = soflow_inproc("train", "--config", "fmnist", "--run-dir", tmp_path / "run", "--set", "objective.cfg_scale=1",
+                         "--dry-run")
     assert_one_line_error(proc, "objective.mix_ratio=0.5 with objective.cfg_scale=1", "set objective.mix_ratio=1")
     assert not (tmp_path / "run").exists()
 

@@ -7,12 +7,11 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import TINY, assert_one_line_error, on_full_disk, soflow
+from helpers import TINY, assert_one_line_error, on_full_disk, soflow_inproc
 from soflow.run.checkpoint import list_checkpoints, read_checkpoint
 
 BASE_STEPS = 10
@@ -22,8 +21,8 @@ BASE_STEPS = 10
 def base_run(tmp_path_factory):
     """A finished 10-step run (checkpoints at 5 and 10) that each test copies."""
     run = tmp_path_factory.mktemp("base") / "run"
-    soflow("train", "--config", "toy2d", "--run-dir", run, *TINY, "--set", f"train.total_steps={BASE_STEPS}",
-           "--set", "train.checkpoint_every=5", check=True)
+    soflow_inproc("train", "--config", "toy2d", "--run-dir", run, *TINY, "--set", f"train.total_steps={BASE_STEPS}",
+                  "--set", "train.checkpoint_every=5", check=True)
     return run
 
 
@@ -31,12 +30,6 @@ def _copy(base_run, dest):
     shutil.copytree(base_run, dest)
     (dest / ".lock").unlink(missing_ok=True)
     return dest
-
-
-def _start(*args):
-    """`soflow ARGS` started in the background (two at a time use both cores)."""
-    return subprocess.Popen([sys.executable, "-m", "soflow", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def _finish(proc, check=True):
@@ -53,10 +46,9 @@ def _finish(proc, check=True):
 def test_resume_trains_with_changed_optimizer_settings(base_run, tmp_path):
     same, changed = _copy(base_run, tmp_path / "same"), _copy(base_run, tmp_path / "changed")
     more = ["--set", "train.total_steps=12"]
-    procs = [_start("train", "--run-dir", same, *more),
-             _start("train", "--run-dir", changed, *more, "--set", "train.lr=0.5", "--set", "train.betas=[0.5, 0.9]",
-                    "--set", "train.weight_decay=0.1")]
-    plain, new = (_finish(p) for p in procs)
+    plain = soflow_inproc("train", "--run-dir", same, *more, check=True)
+    new = soflow_inproc("train", "--run-dir", changed, *more, "--set", "train.lr=0.5",
+                        "--set", "train.betas=[0.5, 0.9]", "--set", "train.weight_decay=0.1", check=True)
     assert "optimizer settings" not in plain.stdout
     assert ("optimizer settings of the config applied over the checkpoint's: lr 0.002 -> 0.5, "
             "betas (0.9, 0.99) -> (0.5, 0.9), weight_decay 0.0 -> 0.1") in new.stdout, new.stdout
@@ -83,9 +75,8 @@ def test_resume_with_another_network_size_names_the_setting(base_run, tmp_path):
     odd = tmp_path / "odd.pt"
     torch.save(blob, odd)
 
-    resume = _start("train", "--run-dir", run, "--set", "model.net_args.hidden=64")
-    sample = _start("sample", "--checkpoint", odd, "--num", "4", "--out", tmp_path / "x.npy")
-    resumed, sampled = _finish(resume, check=False), _finish(sample, check=False)
+    resumed = soflow_inproc("train", "--run-dir", run, "--set", "model.net_args.hidden=64")
+    sampled = soflow_inproc("sample", "--checkpoint", odd, "--num", "4", "--out", tmp_path / "x.npy")
 
     assert_one_line_error(resumed, f"ckpt-{BASE_STEPS:08d}.pt: tensors do not fit the network of this config",
                           "model.net_args.hidden is 64 here but 32 in the checkpoint", "in the file but (64, ")
@@ -111,8 +102,11 @@ def test_run_files_get_the_mode_of_new_files(base_run, tmp_path):
     assert {_mode(p) for p in written} == {0o666 & ~umask}, [(p.name, oct(_mode(p))) for p in written]
 
     run = tmp_path / "run"  # another umask is respected too
-    soflow("train", "--config", "toy2d", "--run-dir", run, *TINY, "--set", "train.total_steps=2", check=True,
-           preexec_fn=lambda: os.umask(0o027))
+    os.umask(0o027)
+    try:
+        soflow_inproc("train", "--config", "toy2d", "--run-dir", run, *TINY, "--set", "train.total_steps=2", check=True)
+    finally:
+        os.umask(umask)
     written = [*(run / "checkpoints").iterdir(), *(run / "exports").iterdir(), *(run / "samples").iterdir()]
     assert len(written) == 3 and {_mode(p) for p in written} == {0o640}, [(p.name, oct(_mode(p))) for p in written]
 
@@ -166,7 +160,7 @@ def test_a_trainer_removes_temporary_files_of_killed_writers(base_run, tmp_path)
     kept = [run / "checkpoints" / "notes.tmp", run / "samples" / ".mine.png.1.tmp.png"]  # not names a trainer writes
     for p in stale + kept:
         p.write_bytes(b"partial")
-    proc = soflow("train", "--run-dir", run, "--set", "train.total_steps=11", check=True)
+    proc = soflow_inproc("train", "--run-dir", run, "--set", "train.total_steps=11", check=True)
     assert "removed 4 temporary files of interrupted writes" in proc.stdout, proc.stdout
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
     assert list_checkpoints(run)[0][0] == 11

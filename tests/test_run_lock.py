@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY, assert_one_line_error, soflow
+from helpers import TINY, assert_one_line_error, soflow, soflow_inproc
 from soflow import Pipeline
 from soflow.run.config import ConfigError
 from soflow.train.lock import RunLock
@@ -68,7 +68,7 @@ def test_cli_refuses_a_second_trainer_on_a_live_run(tmp_path):
         while not (run / ".lock").is_file() or not (run / ".lock").read_text():
             assert time.time() < deadline and first.poll() is None, first.communicate()
             time.sleep(0.2)
-        second = soflow("train", "--config", "toy2d", "--run-dir", run, *TINY, "--set", "train.total_steps=10")
+        second = soflow_inproc("train", "--config", "toy2d", "--run-dir", run, *TINY, "--set", "train.total_steps=10")
         assert_one_line_error(second, "another trainer", f"pid {first.pid}")
         assert first.poll() is None  # the first trainer goes on
     finally:
@@ -81,7 +81,7 @@ def test_cli_refuses_a_second_trainer_on_a_live_run(tmp_path):
 
 def test_sample_needs_no_lock(tmp_path):
     run = tmp_path / "run"
-    soflow("train", "--config", "toy2d", "--run-dir", run, *TINY, "--set", "train.total_steps=5", check=True)
+    soflow_inproc("train", "--config", "toy2d", "--run-dir", run, *TINY, "--set", "train.total_steps=5", check=True)
     with RunLock(run):
         soflow("sample", "--checkpoint", run, "--num", "16", "--out", tmp_path / "x.npy", check=True)
     # the file holds the run's samples, as its pipeline draws them (--nfe 1 and --seed 0 by default)

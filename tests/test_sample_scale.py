@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import soflow
+from helpers import soflow_inproc
 
 RUNNER = """
 import json, os, resource, sys
@@ -45,8 +45,8 @@ def run64(tmp_path_factory):
     sets = ["data.name=imagefolder", f"data.path={root / 'images'}", "data.resolution=64", "train.batch_size=4",
             "train.total_steps=1", "train.sample_num=2", "train.sample_nfe=[1]",
             "model.net_args={patch_size: 8, hidden_size: 32, depth: 1, num_heads: 2}"]
-    soflow("train", "--config", "fmnist", "--run-dir", root / "run", *[a for s in sets for a in ("--set", s)],
-           check=True)
+    soflow_inproc("train", "--config", "fmnist", "--run-dir", root / "run", *[a for s in sets for a in ("--set", s)],
+                  check=True)
     return root / "run"
 
 
@@ -72,12 +72,12 @@ def small_run_two_ranks(run64, tmp_path_factory):
 
 def test_two_ranks_write_the_same_bytes_as_one_process(run64, small_run_two_ranks, tmp_path):
     two_npz, _ = small_run_two_ranks
-    soflow("sample", "--checkpoint", run64, "-n", "256", "--batch-size", "128", "--seed", "7", "--nfe", "2",
-           "--out", tmp_path / "one" / "x.npz", check=True)
+    soflow_inproc("sample", "--checkpoint", run64, "-n", "256", "--batch-size", "128", "--seed", "7", "--nfe", "2",
+                  "--out", tmp_path / "one" / "x.npz", check=True)
     assert (tmp_path / "one" / "x.npz").read_bytes() == two_npz.read_bytes()
     one, two = tmp_path / "one" / "pngs", tmp_path / "two" / "pngs"
     args = ["--checkpoint", run64, "-n", "10", "--nfe", "2", "--seed", "7", "--batch-size", "4"]
-    soflow("sample", *args, "--out", one, check=True)
+    soflow_inproc("sample", *args, "--out", one, check=True)
     proc = torchrun("sample", *args, "--out", two)  # ranks hold samples [0, 4) and [4, 10)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert listing(tmp_path / "one") == ["pngs", "x.npz"] and listing(tmp_path / "two") == ["pngs"]  # no temporaries

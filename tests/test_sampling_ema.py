@@ -27,10 +27,11 @@ def test_renoise_and_chain_two_steps_by_hand():
         x0_hat = flow.solution(noise[:, 0], 1.0, 0.0)
         a, b = flow.path.alpha(torch.tensor(0.5)), flow.path.beta(torch.tensor(0.5))
         expect = flow.solution(a * x0_hat + b * noise[:, 1], 0.5, 0.0)
-        assert torch.allclose(sample(flow, 4, nfe=2, seed=3), expect)
+        assert torch.allclose(sample(flow, 4, nfe=2, seed=3, mode="renoise"), expect)
         z = draw_inputs((2,), 1, 0, 3, range(4))[0][:, 0]
         chained = flow.solution(flow.solution(z, 1.0, 0.5), 0.5, 0.0)
         assert torch.allclose(sample(flow, 4, nfe=2, seed=3, mode="chain"), chained)
+        assert torch.equal(sample(flow, 4, nfe=2, seed=3), sample(flow, 4, nfe=2, seed=3, mode="chain"))  # the default
 
 
 @pytest.mark.parametrize("nfe,mode", [(1, "renoise"), (3, "renoise"), (3, "chain")])
@@ -107,7 +108,7 @@ def test_float64_sampling_feeds_float64_times_on_both_paths():
     flow = model(num_classes=3).double()
     seen = []
     flow.net.register_forward_pre_hook(lambda net, args: seen.append((args[0].dtype, args[1].dtype, args[2].dtype)))
-    outs = [sample(flow, 4, nfe=3, seed=2), sample(flow, 4, nfe=3, seed=2, mode="chain", guidance=2.0),
+    outs = [sample(flow, 4, nfe=3, seed=2, mode="renoise"), sample(flow, 4, nfe=3, seed=2, mode="chain", guidance=2.0),
             ode_sample(flow, 4, 3, seed=2), ode_sample(flow, 4, 3, method="heun", seed=2, guidance=2.0)]
     assert all(x.dtype == torch.float64 for x in outs)
     assert seen and set(seen) == {(torch.float64,) * 3}  # sample, t and s alike on every call

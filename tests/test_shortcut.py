@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import randomize
-from helpers import TINY, assert_one_line_error, soflow
+from helpers import TINY, assert_one_line_error, soflow_inproc
 from soflow import SolutionFlow
 from soflow.eval import energy_distance
 from soflow.methods import method
@@ -66,11 +66,11 @@ def test_bad_settings_name_the_field(bad, needle):
 
 def test_trains_and_samples_through_the_command_line(tmp_path):
     run = tmp_path / "run"
-    soflow("train", "--config", "toy2d", "--run-dir", run, *TINY, "--set", "method=shortcut",
-           "--set", "shortcut.max_steps=8", "--set", "train.total_steps=300", "--set", "train.lr=0.003",
-           check=True, timeout=600)
+    soflow_inproc("train", "--config", "toy2d", "--run-dir", run, *TINY, "--set", "method=shortcut",
+                  "--set", "shortcut.max_steps=8", "--set", "train.total_steps=300", "--set", "train.lr=0.003",
+                  check=True)
     out = tmp_path / "x.npy"
-    soflow("sample", "--checkpoint", run, "--num", "1000", "--nfe", "1", "--out", out, check=True)
+    soflow_inproc("sample", "--checkpoint", run, "--num", "1000", "--nfe", "1", "--out", out, check=True)
     import numpy as np
 
     from soflow.data import make_dataset
@@ -80,6 +80,6 @@ def test_trains_and_samples_through_the_command_line(tmp_path):
     trained = energy_distance(torch.from_numpy(np.load(out)), ref)
     noise = energy_distance(torch.randn(1000, 2), ref)
     assert trained < 0.5 * noise, (trained, noise)  # 300 steps already move the noise towards the data
-    proc = soflow("sample", "--checkpoint", run, "--num", "4", "--mode", "renoise", "--out", tmp_path / "y.npy")
+    proc = soflow_inproc("sample", "--checkpoint", run, "--num", "4", "--mode", "renoise", "--out", tmp_path / "y.npy")
     assert_one_line_error(proc, "--mode renoise: method shortcut samples with chain")
     assert method("shortcut").modes == ("chain",) and math.isfinite(trained)

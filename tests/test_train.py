@@ -138,14 +138,20 @@ def test_points_data_and_missing_file(tmp_path):
     assert_one_line_error(proc, "ints.npy", "int64")
 
 
-def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
+def _has_content(path):
+    return path.is_file() and path.stat().st_size > 0
+
+
+# SIGTERM once steps are logged, or as soon as the run folder is locked (while data and model are set up)
+@pytest.mark.parametrize("ready", ["metrics.jsonl", ".lock"])
+def test_sigterm_saves_a_loadable_checkpoint(tmp_path, ready):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "soflow", "train", "--config", "toy2d", "--run-dir", str(run), *TINY,
            "--set", "train.total_steps=1000000", "--set", "train.checkpoint_every=1000000", "--set", "train.log_every=1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size):
-        time.sleep(0.2)
+    while time.time() < deadline and not _has_content(run / ready):
+        time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err

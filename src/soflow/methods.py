@@ -24,7 +24,7 @@ from .objectives.meanflow import MeanFlowLoss, check_meanflow_guidance
 from .objectives.shortcut import ShortcutLoss
 from .objectives.soflow import SoFlowLoss, check_labels_for_guidance
 from .protocols import Objective
-from .sampling import draw
+from .sampling import ODE_METHODS, ode_sample, sample
 from .solution import SolutionFlow
 
 
@@ -49,9 +49,13 @@ class Method:
     check: Callable[[object, bool, str], None] | None = None
 
     def sample(self, model: SolutionFlow, n: int, nfe: int, *, mode: str | None = None, **kw) -> Tensor:
-        """n samples with nfe steps (network evaluations but for Heun: soflow.sampling.evaluations), the
-        way this method's models are meant to be sampled."""
-        return draw(model, n, nfe, self.mode(mode), **kw)
+        """n samples with nfe steps in one of this method's modes (its first when None): a solution
+        sampler (`soflow.sample`) or an ODE solver on the velocity (`ode_sample`).  Each step is one
+        network evaluation, except Heun's (`soflow.sampling.evaluations`)."""
+        mode = self.mode(mode)
+        if mode in ODE_METHODS:
+            return ode_sample(model, n, nfe, method=mode, **kw)
+        return sample(model, n, nfe, mode=mode, **kw)
 
     def sample_chunks(self, model: SolutionFlow, first: int, last: int, nfe: int, *, labels=None,
                       batch_size: int = 256, **kw) -> Iterator[Tensor]:
@@ -89,7 +93,3 @@ def method(name: str) -> Method:
         raise ConfigError(f"unknown training method {name!r}; choose one of {', '.join(METHODS)}")
     return METHODS[name]
 
-
-def generate(name: str, model: SolutionFlow, n: int, nfe: int, **kw) -> Tensor:
-    """`method(name).sample(model, n, nfe, ...)`."""
-    return method(name).sample(model, n, nfe, **kw)

@@ -42,18 +42,18 @@ from .training_fid import TrainingFID
 
 
 class _StopSignal:
-    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary and exits."""
+    """`with _StopSignal() as stop:` SIGTERM/SIGINT set `stop.raised`; the loop saves at the next step
+    boundary and exits.  The former handlers come back when the block ends."""
 
-    def __init__(self):
+    def __enter__(self):
         self.raised = False
-        self.previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.previous[sig] = signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
 
     def _handle(self, signum, frame):
         self.raised = True
 
-    def restore(self):
+    def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
@@ -74,12 +74,14 @@ def train(cfg: Config, run_dir: str | Path, stop_after: int | None = None, on_st
     The run folder is locked for the whole call: a second trainer on it is refused.
     """
     env = distributed.setup(cfg.train.device)
-    lock = _hold_run_dir(env, Path(run_dir))
-    try:
-        return _train(cfg, env, Path(run_dir), stop_after, on_step)
-    finally:
-        if lock is not None:
-            lock.release()
+    # from before the lock on: a signal while the run is set up stops it at the first step boundary
+    with _StopSignal() as stop:
+        lock = _hold_run_dir(env, Path(run_dir))
+        try:
+            return _train(cfg, env, Path(run_dir), stop_after, on_step, stop)
+        finally:
+            if lock is not None:
+                lock.release()
 
 
 def _hold_run_dir(env, run_dir: Path) -> RunLock | None:
@@ -122,10 +124,10 @@ class Run:
     last_saved: int | None  # step of the newest checkpoint of this run; None before the first
 
 
-def _train(cfg: Config, env, run_dir: Path, stop_after: int | None, on_step) -> dict:
+def _train(cfg: Config, env, run_dir: Path, stop_after: int | None, on_step, stop: _StopSignal) -> dict:
     run = _set_up(cfg, env, run_dir)
     total, started, stopped = cfg.train.total_steps, run.step, None
-    stop, stop_flag = _StopSignal(), distributed.SharedFlag(env)
+    stop_flag = distributed.SharedFlag(env)
     stats = RunningStats(total, cfg.train.batch_size, env.device)
     try:
         progress = run.log.start(cfg, run.step, run.flow.net, env.device, env.world)
@@ -142,7 +144,6 @@ def _train(cfg: Config, env, run_dir: Path, stop_after: int | None, on_step) -> 
         progress.close()
         return _finish(run, stopped)
     finally:
-        stop.restore()
         run.log.close()
         distributed.teardown(env)
 
