@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+from typing import Sequence
 
 from ..errors import SoflowError
 from .parser import build_parser
@@ -30,7 +31,7 @@ PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, NotADirector
 PATH_ERRNOS = (errno.ENAMETOOLONG, errno.ELOOP)  # a name too long, a loop of symbolic links
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the `soflow` command line on `argv` (default: sys.argv); returns the exit status."""
     args = build_parser().parse_args(argv)
     try:

@@ -3,13 +3,18 @@ and returns the exit status."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 
+if TYPE_CHECKING:
+    from ..run.config import Config
 
-def cmd_train(args) -> int:
+
+def cmd_train(args: argparse.Namespace) -> int:
     """`soflow train`: train or resume the run in --run-dir."""
     from ..run.config import dump, load
     from ..run.folder import check_run_dir
@@ -35,7 +40,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def check_init(cfg, run_dir: Path) -> None:
+def check_init(cfg: Config, run_dir: Path) -> None:
     """train.init must exist when it will be read: in a run folder without checkpoints yet."""
     from ..run.checkpoint import list_checkpoints
 
@@ -44,7 +49,7 @@ def check_init(cfg, run_dir: Path) -> None:
                           ".safetensors export, pipeline folder or SiT checkpoint to start from")
 
 
-def cmd_fid(args) -> int:
+def cmd_fid(args: argparse.Namespace) -> int:
     """`soflow fid ref | calc`: write reference statistics, or score images against them."""
     import json
 
@@ -63,7 +68,7 @@ def cmd_fid(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
+def cmd_eval(args: argparse.Namespace) -> int:
     """`soflow eval points | fmnist`: score a trained run and print the result as JSON."""
     import json
     import math
@@ -95,7 +100,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_encode_latents(args) -> int:
+def cmd_encode_latents(args: argparse.Namespace) -> int:
     """`soflow encode-latents`: encode an image folder to SD-VAE latents."""
     from ..data.images import ImageFolder
     from ..data.vae import encode_latents
@@ -112,7 +117,7 @@ def cmd_encode_latents(args) -> int:
     return 0
 
 
-def cmd_convert_reference(args) -> int:
+def cmd_convert_reference(args: argparse.Namespace) -> int:
     """`soflow convert-reference`: a run folder from a reference checkpoint and its YAML."""
     from ..reference import convert_reference_run
 
@@ -121,7 +126,7 @@ def cmd_convert_reference(args) -> int:
     return 0
 
 
-def cmd_export(args) -> int:
+def cmd_export(args: argparse.Namespace) -> int:
     """A run as a pipeline folder in the Hub layout (Pipeline.save_pretrained)."""
     from ..pipeline import Pipeline
     from ..run.folder import unwritable

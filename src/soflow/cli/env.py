@@ -7,6 +7,7 @@ metadata, without importing them.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -107,7 +108,7 @@ def report(info: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_env(args) -> int:
+def cmd_env(args: argparse.Namespace) -> int:
     """`soflow env`: print the environment report (JSON with --json)."""
     info = collect()
     print(json.dumps(info, indent=1) if args.json else report(info))

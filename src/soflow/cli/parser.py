@@ -25,7 +25,8 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def command(parent, name, help, description, examples):
+def command(parent: argparse._SubParsersAction, name: str, help: str, description: str,
+            examples: list[str]) -> argparse.ArgumentParser:
     """A sub-command parser of `parent` with its help, description and examples."""
     return parent.add_parser(name, help=help, description=description, formatter_class=Formatter,
                              epilog="examples:\n" + "\n".join(f"  {line}" for line in examples))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import signal
@@ -16,7 +17,7 @@ from ..errors import ConfigError, SoflowError
 MAX_NFE = 10_000  # steps per sample (Heun: 2 steps - 1 evaluations); flow matching's finest ODE grids use about 1000
 
 
-def cmd_sample(args) -> int:
+def cmd_sample(args: argparse.Namespace) -> int:
     """Rank r draws a contiguous range of whole batches (per-sample seeds make the result independent
     of the number of ranks) and streams them, batch by batch, into its part of the output; rank 0 then
     assembles the parts.  A rank holds one batch of float samples at a time, whatever --num."""
@@ -46,7 +47,7 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def check_arguments(args) -> None:
+def check_arguments(args: argparse.Namespace) -> None:
     """Check the `soflow sample` arguments before a model is opened (one ConfigError line)."""
     from ..distributed import DEVICES
     from ..run.folder import too_long, unwritable

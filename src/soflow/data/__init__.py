@@ -5,11 +5,15 @@ and either `batch(seed, position, rank, world, n) -> (x0, labels)` (in memory) o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import DataError
 from ..protocols import Dataset
 from .latents import LatentData
 from .toy import TOYS, PointData, ToyData
+
+if TYPE_CHECKING:
+    from ..run.schema import DataConfig
 
 
 @dataclass(frozen=True)
@@ -44,12 +48,12 @@ def traits(name: str) -> DatasetTraits:
     return TRAITS.get(name, POINTS)
 
 
-def has_labels(data_cfg) -> bool:
+def has_labels(data_cfg: DataConfig) -> bool:
     """Whether training batches of `data_cfg` carry class labels (the toys and `points` never do)."""
     return traits(data_cfg.name).has_labels(data_cfg.conditional)
 
 
-def make_dataset(data_cfg) -> Dataset:
+def make_dataset(data_cfg: DataConfig) -> Dataset:
     """The dataset named by `data_cfg.name`, read from `data_cfg.path` (DataError if unusable)."""
     name = data_cfg.name
     if name in TOYS:

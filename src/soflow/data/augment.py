@@ -52,17 +52,17 @@ def _matrices(*entries) -> Tensor:
     return torch.stack(t, dim=-1).reshape(*t[0].shape, 3, 3)
 
 
-def translate2d(tx, ty) -> Tensor:
+def translate2d(tx: float | Tensor, ty: float | Tensor) -> Tensor:
     """Homogeneous 2-D matrix mapping (x, y) to (x + tx, y + ty)."""
     return _matrices(1, 0, tx, 0, 1, ty, 0, 0, 1)
 
 
-def scale2d(sx, sy) -> Tensor:
+def scale2d(sx: float | Tensor, sy: float | Tensor) -> Tensor:
     """Homogeneous 2-D matrix mapping (x, y) to (sx * x, sy * y)."""
     return _matrices(sx, 0, 0, 0, sy, 0, 0, 0, 1)
 
 
-def rotate2d(theta) -> Tensor:
+def rotate2d(theta: float | Tensor) -> Tensor:
     """Homogeneous 2-D matrix rotating (x, y) by angle theta (radians) from the x axis towards y."""
     theta = torch.as_tensor(theta, dtype=torch.float64)
     c, s = torch.cos(theta), torch.sin(theta)

@@ -37,7 +37,8 @@ class ImageData:
     def __len__(self) -> int:
         return len(self.images)
 
-    def batch(self, seed: int, position: int, rank: int, world: int, n: int):
+    def batch(self, seed: int, position: int, rank: int, world: int,
+              n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         idx = epoch_indices(len(self.images), position, rank, world, n, seed)
         return to_float(self.images[idx]), (None if self.labels is None else self.labels[idx])
 

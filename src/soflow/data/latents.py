@@ -252,7 +252,7 @@ class LatentData:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def batch(self, seed: int, position: int, rank: int, world: int, n: int):
+    def batch(self, seed: int, position: int, rank: int, world: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         # Stream order, not sorted: SoFlowLoss and MeanFlowLoss split a batch by row position.
         idx = epoch_indices(len(self), position, rank, world, n, seed).numpy()
         mean, std = (torch.from_numpy(a) for a in self.rows.read(idx))

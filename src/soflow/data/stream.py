@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 
 from ..protocols import Dataset
@@ -26,7 +28,8 @@ class StepBatches(torch.utils.data.Sampler):
 
 
 def batches(data: Dataset, seed: int, rank: int, world: int, per_rank: int, start: int,
-            num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False):
+            num_workers: int = 0, prefetch_factor: int = 2,
+            pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Yield (x0, labels) for data positions start, start + 1, ...
 
     In-memory and synthetic datasets (with a `batch` method) are read directly; item datasets

@@ -64,7 +64,7 @@ class ToyData:
         self.name, self.draw = name, TOYS[name]
         self.sample_shape = (2,)
 
-    def batch(self, seed: int, position: int, rank: int, world: int, n: int):
+    def batch(self, seed: int, position: int, rank: int, world: int, n: int) -> tuple[Tensor, None]:
         return self.draw(n, generator(seed, position, rank)), None
 
     def reference(self, n: int, seed: int = 12345) -> Tensor:
@@ -93,7 +93,7 @@ class PointData:
         self.points = torch.from_numpy(arr.astype(np.float32))
         self.sample_shape = (arr.shape[1],)
 
-    def batch(self, seed: int, position: int, rank: int, world: int, n: int):
+    def batch(self, seed: int, position: int, rank: int, world: int, n: int) -> tuple[Tensor, None]:
         return self.points[epoch_indices(len(self.points), position, rank, world, n, seed)], None
 
     def reference(self, n: int, seed: int = 12345) -> Tensor:

@@ -7,16 +7,22 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
 from ..errors import DataError
 
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+
+    from .images import ImageFolder
+
 SCALE = 0.18215
 
 
-def load_vae(path: str | None, device="cpu"):
+def load_vae(path: str | None, device: str | torch.device = "cpu") -> AutoencoderKL:
     """diffusers' AutoencoderKL from a local folder (the sd-vae-ft-mse layout); never downloads."""
     if not path:
         raise DataError("a VAE folder is needed (data.vae / --vae): the local sd-vae-ft-mse directory "
@@ -36,14 +42,15 @@ def load_vae(path: str | None, device="cpu"):
 
 
 @torch.no_grad()
-def decode(vae, z: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+def decode(vae: AutoencoderKL, z: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
     """Latents (scaled by 0.18215) -> images in [-1, 1]."""
     out = [vae.decode(chunk / SCALE).sample.clamp(-1, 1) for chunk in z.split(batch_size)]
     return torch.cat(out)
 
 
-def encode_latents(images, vae_path: str, out: str | Path, rank: int = 0, world: int = 1, shard_size: int = 1024,
-                   batch_size: int = 32, device="cpu", log=print) -> int:
+def encode_latents(images: ImageFolder, vae_path: str, out: str | Path, rank: int = 0, world: int = 1,
+                   shard_size: int = 1024, batch_size: int = 32, device: str | torch.device = "cpu",
+                   log: Callable[[str], None] = print) -> int:
     """Encode an ImageFolder into shards under `out`; returns the number of shards this rank wrote."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

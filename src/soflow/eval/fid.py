@@ -25,6 +25,7 @@ from typing import Callable, Union
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from torch import Tensor
 
 from ..errors import EvalError
@@ -40,7 +41,7 @@ Stats = tuple[np.ndarray, np.ndarray]
 # Fréchet distance and statistics
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike, eps: float = 1e-6) -> float:
     """Fréchet (2-Wasserstein) distance between N(mu1, sigma1) and N(mu2, sigma2), in float64:
 
         d² = ||mu1 - mu2||² + Tr(sigma1) + Tr(sigma2) - 2 Tr((sigma1 sigma2)^{1/2})
@@ -80,7 +81,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 
 
-def statistics(features) -> Stats:
+def statistics(features: Tensor | np.ndarray) -> Stats:
     """Mean (D,) and unbiased covariance (D, D) of features [N, D], in float64."""
     f = features.detach().cpu().double().numpy() if torch.is_tensor(features) else np.asarray(features, np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
@@ -93,7 +94,8 @@ def metric_name(nfe: int, guidance: float | None = None) -> str:
     return f"fid_nfe{nfe}" if guidance is None else f"fid_nfe{nfe}_w{guidance:g}"
 
 
-def save_stats(path: str | Path, mu, sigma, *, mu_s=None, sigma_s=None, features=None) -> Path:
+def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, *, mu_s: np.ndarray | None = None,
+               sigma_s: np.ndarray | None = None, features: Tensor | np.ndarray | None = None) -> Path:
     """Write ``mu`` and ``sigma`` (float64) to an ``.npz`` file (the suffix is added if missing);
     optionally the spatial statistics ``mu_s``, ``sigma_s`` (sFID) and the ``features`` [N, D]
     themselves (float32, for precision and recall)."""
@@ -148,7 +150,7 @@ def load_features(path: str | Path) -> np.ndarray:
 # Inception Score
 
 
-def inception_score(logits, splits: int = 10) -> tuple[float, float]:
+def inception_score(logits: Tensor | np.ndarray, splits: int = 10) -> tuple[float, float]:
     """Inception Score from classifier logits [N, C] (the unbiased Inception logits), in float64:
 
         IS = exp( E_x KL( p(y|x) || p(y) ) ),   p(y|x) = softmax(logits),  p(y) = mean_x p(y|x)
@@ -178,7 +180,8 @@ def inception_score(logits, splits: int = 10) -> tuple[float, float]:
 # Precision and recall
 
 
-def precision_recall(real, fake, k: int = PRC_K, batch_size: int = 10000) -> tuple[float, float]:
+def precision_recall(real: Tensor | np.ndarray, fake: Tensor | np.ndarray, k: int = PRC_K,
+                     batch_size: int = 10000) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019, Sec. 2) of feature sets
     ``real`` [N, D] and ``fake`` [M, D]:
 
@@ -226,7 +229,7 @@ def stats_from_images(images: ImagesLike, extractor: Extractor) -> Stats:
     return statistics(extractor(x))
 
 
-def fid_from_images(images_a: ImagesLike, ref_stats_or_images_b, extractor: Extractor) -> float:
+def fid_from_images(images_a: ImagesLike, ref_stats_or_images_b: Stats | ImagesLike, extractor: Extractor) -> float:
     """FID between images A and a reference.
 
     ``images_a``: uint8 [N, C, H, W] tensor/array, a folder of images, or a sample ``.npz``.

@@ -34,7 +34,7 @@ class FashionClassifier(nn.Module):
         return self.head(self.body(x))
 
 
-def load_classifier(path: str | Path = WEIGHTS, device="cpu") -> FashionClassifier:
+def load_classifier(path: str | Path = WEIGHTS, device: str | torch.device = "cpu") -> FashionClassifier:
     """The shipped Fashion-MNIST classifier, in eval mode on `device`."""
     path = Path(path)
     if not path.is_file():

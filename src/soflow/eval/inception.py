@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -162,7 +163,7 @@ class InceptionFeatures:
         self._spatial = x.reshape(x.shape[0], -1)
 
     @torch.inference_mode()
-    def extract(self, images) -> dict[str, Tensor]:
+    def extract(self, images: Tensor | np.ndarray) -> dict[str, Tensor]:
         """{feature name: float32 CPU tensor [N, ...]} for uint8 images [N, 1 or 3, H, W]."""
         x = _check_images(images)
         outs: dict[str, list[Tensor]] = {f: [] for f in self.features}
@@ -178,6 +179,6 @@ class InceptionFeatures:
         self._spatial = None
         return {k: torch.cat(v) for k, v in outs.items()}
 
-    def __call__(self, images) -> Tensor:
+    def __call__(self, images: Tensor | np.ndarray) -> Tensor:
         """The first requested feature (pool features by default) as float32 [N, D]."""
         return self.extract(images)[self.features[0]]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from torch import Tensor
 
 
@@ -38,7 +39,7 @@ def _mean_distance(a: Tensor, b: Tensor, block: int = 2048) -> Tensor:
     return total / (a.shape[0] * b.shape[0])
 
 
-def energy_distance(x, y) -> float:
+def energy_distance(x: Tensor | ArrayLike, y: Tensor | ArrayLike) -> float:
     """Squared energy distance between the empirical distributions of x [n, d] and y [m, d]:
 
         D² = 2 E|X - Y| - E|X - X'| - E|Y - Y'|
@@ -72,7 +73,8 @@ def _w2_squared_sorted(a: Tensor, b: Tensor) -> Tensor:
     return (width.to(a.device)[:, None] * diff**2).sum(dim=0)
 
 
-def sliced_wasserstein2(x, y, num_projections: int = 256, seed: int = 0) -> float:
+def sliced_wasserstein2(x: Tensor | ArrayLike, y: Tensor | ArrayLike, num_projections: int = 256,
+                        seed: int = 0) -> float:
     """Sliced 2-Wasserstein distance between the empirical distributions of x [n, d] and y [m, d]:
 
         SW2 = ( mean_k W2²(θ_k·x, θ_k·y) )^{1/2}

@@ -4,6 +4,8 @@ and FID statistics of image sources."""
 from __future__ import annotations
 
 import functools
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -18,7 +20,8 @@ from .inception import LAYER_DIMS, SPATIAL, InceptionFeatures
 from .points import energy_distance, sliced_wasserstein2
 
 
-def eval_points(checkpoint, nfe: int, num: int = 2000, seed: int = 0, warn=print) -> dict:
+def eval_points(checkpoint: str | Path, nfe: int, num: int = 2000, seed: int = 0,
+                warn: Callable[[str], None] = print) -> dict:
     """Energy distance and sliced W2 between `num` generated points and `num` data points."""
     pipe = Pipeline.from_pretrained(checkpoint, warn=warn)
     cfg = pipe.config
@@ -31,8 +34,8 @@ def eval_points(checkpoint, nfe: int, num: int = 2000, seed: int = 0, warn=print
             "sliced_w2": sliced_wasserstein2(x, ref)}
 
 
-def eval_fmnist(checkpoint, nfe: int, per_class: int = 100, seed: int = 0, data_path=None, warn=print,
-                guidance: float | None = None) -> dict:
+def eval_fmnist(checkpoint: str | Path, nfe: int, per_class: int = 100, seed: int = 0, data_path: str | None = None,
+                warn: Callable[[str], None] = print, guidance: float | None = None) -> dict:
     """`fmnist_scores` of per_class samples of each class at classifier-free guidance scale
     `guidance` (None: the model's own; its meaning per kind of model: soflow.guidance)."""
     pipe = Pipeline.from_pretrained(checkpoint, warn=warn)
@@ -45,7 +48,7 @@ def eval_fmnist(checkpoint, nfe: int, per_class: int = 100, seed: int = 0, data_
             **fmnist_scores(x, labels, data_path or cfg.data.path)}
 
 
-def fmnist_scores(images: torch.Tensor, labels: torch.Tensor, data_path=None) -> dict:
+def fmnist_scores(images: torch.Tensor, labels: torch.Tensor, data_path: str | None = None) -> dict:
     """Frechet distance in the shipped classifier's penultimate features between images in [-1, 1]
     [N, 1, 28, 28] and the real test split, and the classifier's accuracy on their labels."""
     feats, preds = features_and_predictions(load_classifier(), images)
@@ -69,8 +72,9 @@ def source_images(src: str, data_path: str | None = None) -> torch.Tensor:
     return load_images(src)
 
 
-def fid_reference(src: str, out, weights=None, device=None, batch_size: int = 64, data_path=None,
-                  dims: str = "2048", prc: bool = False, sfid: bool = False):
+def fid_reference(src: str, out: str | Path, weights: str | Path | None = None,
+                  device: str | torch.device | None = None, batch_size: int = 64, data_path: str | None = None,
+                  dims: str = "2048", prc: bool = False, sfid: bool = False) -> tuple[Path, int]:
     """Write the reference statistics of an image source to `out` (`soflow fid ref`): mu and sigma
     of the `dims` layer, plus the features themselves with `prc` (for precision and recall) and
     ADM's spatial statistics mu_s, sigma_s with `sfid`.  Returns (path written, number of images)."""
@@ -87,7 +91,8 @@ def fid_reference(src: str, out, weights=None, device=None, batch_size: int = 64
     return path, len(out_feats[dims])
 
 
-def fid_against_reference(src: str, ref, weights=None, device=None, batch_size: int = 64, data_path=None,
+def fid_against_reference(src: str, ref: str | Path, weights: str | Path | None = None,
+                          device: str | torch.device | None = None, batch_size: int = 64, data_path: str | None = None,
                           dims: str = "2048", with_is: bool = False, prc: bool = False, sfid: bool = False,
                           k: int = PRC_K) -> dict:
     """`soflow fid calc`: FID of an image source against the reference file `ref`, and with the

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import nn
 
 from ..data.augment import AUGMENT_DIM
 from ..errors import ConfigError
-from ..guidance import scales_of
+from ..guidance import GuidanceScales, scales_of
 from ..methods import method
 from ..nets import build, data_args
 from ..protocols import Objective
@@ -62,12 +64,12 @@ def guidance_input(cfg: Config) -> bool:
     return getattr(build_objective(cfg), "guidance_range", None) is not None
 
 
-def guidance_scales(cfg: Config):
+def guidance_scales(cfg: Config) -> GuidanceScales:
     """The guidance scales a model of this config honours at sampling time (soflow.guidance)."""
     return scales_of(build_objective(cfg), method(cfg.method).section)
 
 
-def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     """The optimizer of `cfg.train` (AdamW or RAdam) over `params`."""
     t = cfg.train
     kind = OPTIMIZERS[t.optimizer.lower()]

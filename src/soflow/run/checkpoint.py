@@ -17,11 +17,15 @@ import re
 import struct
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
 from ..errors import CheckpointError, UnreadableFile
 from ..safeload import load_torch
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 FORMAT = "soflow-checkpoint-1"
 NAME = re.compile(r"^ckpt-(\d+)\.pt$")
@@ -75,7 +79,7 @@ def _reason(e: OSError) -> str:
 
 
 @contextlib.contextmanager
-def written_atomically(path: Path, what: str):
+def written_atomically(path: Path, what: str) -> Iterator[_Recorded]:
     """`with written_atomically(path, "checkpoint") as f: f.write(...)` puts the bytes at `path`
     whole or not at all.  The file gets the mode of any new file (0666 less the umask).  Any
     failure removes the temporary file; an OSError (also one raised inside a writer that hides
@@ -116,7 +120,7 @@ def _sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_save(obj, path: Path, what: str = "checkpoint") -> None:
+def atomic_save(obj: dict, path: Path, what: str = "checkpoint") -> None:
     """torch.save `obj` to `path` atomically (see `written_atomically`)."""
     with written_atomically(path, what) as f:
         torch.save(obj, f)
@@ -135,7 +139,7 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     return removed
 
 
-def run_state(step: int, config: dict, sample_shape, num_classes: int, net: dict, ema: dict,
+def run_state(step: int, config: dict, sample_shape: Sequence[int], num_classes: int, net: dict, ema: dict,
               optimizer: dict | None = None, rng: list | None = None, world_size: int = 0) -> dict:
     """The contents of a run checkpoint (the one place its layout is written).  Without optimizer
     and RNG state (converted or best-FID checkpoints) it still opens for sampling, and a resume
@@ -179,7 +183,7 @@ def read_checkpoint(path: Path) -> dict:
     return blob
 
 
-def latest_checkpoint(run_dir: Path, warn=print, quarantine: bool = False) -> dict | None:
+def latest_checkpoint(run_dir: Path, warn: Callable[[str], None] = print, quarantine: bool = False) -> dict | None:
     """The newest readable checkpoint of a run (None when it has none); unreadable newer ones are
     reported and skipped.  A run whose checkpoints are all unreadable is one CheckpointError
     naming them: starting over from step 0 is the user's decision, never a silent one.
@@ -251,7 +255,8 @@ _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", tor
            torch.bool: "BOOL"}
 
 
-def export_safetensors(path: Path, state: dict, config: dict, step: int, sample_shape, num_classes: int) -> Path:
+def export_safetensors(path: Path, state: dict, config: dict, step: int, sample_shape: Sequence[int],
+                       num_classes: int) -> Path:
     """The tensors of `state` as a safetensors file with the run's config as metadata, written
     atomically (like checkpoints) and tensor by tensor, so no second copy of the weights is made."""
     metadata = {"config": json.dumps(config), "step": str(step), "format": FORMAT,
@@ -261,7 +266,7 @@ def export_safetensors(path: Path, state: dict, config: dict, step: int, sample_
     return Path(path)
 
 
-def write_safetensors(f, state: dict, metadata: dict) -> None:
+def write_safetensors(f: SupportsWrite[bytes], state: dict, metadata: dict) -> None:
     """The safetensors layout: an 8-byte little-endian header size, a JSON header (padded with
     spaces to a multiple of 8 bytes) giving each tensor's dtype, shape and byte range, then the
     tensors' bytes back to back.  Tensors go widest dtype first, then by name (safetensors' own

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -17,7 +18,8 @@ from .checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
 from .config import Config, load
 
 
-def load_run(path: str | Path, weights: str = "ema", device="cpu", warn=print):
+def load_run(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu",
+             warn: Callable[[str], None] = print) -> tuple[Config, SolutionFlow, int]:
     """(config, SolutionFlow, step) with the EMA (default) or online weights, on `device`, with the
     run's CPU thread choice (`train.threads`) applied."""
     path = Path(path)
@@ -89,7 +91,8 @@ def export_metadata(path: Path, meta: dict) -> tuple[Config, object, object, int
 MAX_SAMPLE_NUMEL = 1 << 22
 
 
-def checked_flow(cfg: Config, sample_shape, num_classes, shapes: dict, path) -> SolutionFlow:
+def checked_flow(cfg: Config, sample_shape: object, num_classes: object, shapes: dict,
+                 path: str | Path) -> SolutionFlow:
     """The SolutionFlow that `cfg`, `sample_shape` and `num_classes` (read from the file `path`)
     describe, built only once the file's tensors ({name: shape}) are known to fit it.  The sizes
     are first bounded by what the tensors hold, then the network is built on the meta device
@@ -175,7 +178,8 @@ def _first_line(e: BaseException) -> str:
 NETWORK_SECTIONS = ("method", "model", "data")  # the config sections that decide a network's tensors
 
 
-def check_tensors(net: torch.nn.Module, state: dict, path, saved_config: dict, config: dict | None = None) -> None:
+def check_tensors(net: torch.nn.Module, state: dict, path: str | Path, saved_config: dict,
+                  config: dict | None = None) -> None:
     """One CheckpointError line naming the first tensors of `state` (read from `path`) that do not
     fit `net`, instead of load_state_dict's error of dozens of lines.  `net` was built from
     `config`, or from the file's own `saved_config` when `config` is None; when the two differ,
@@ -210,7 +214,7 @@ def tensor_misfits(net: torch.nn.Module, state: dict) -> str:
     return (problems[0] + (f" (and {more} more)" if more > 0 else "")) if problems else ""
 
 
-def config_differences(old, new, prefix: str = "") -> list[str]:
+def config_differences(old: object, new: object, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested config dicts."""
     if not (isinstance(old, dict) and isinstance(new, dict)):
         return [prefix.rstrip(".")] if old != new else []
@@ -218,7 +222,7 @@ def config_differences(old, new, prefix: str = "") -> list[str]:
             for k in config_differences(old.get(key), new.get(key), f"{prefix}{key}.")]
 
 
-def config_value(config: dict, dotted: str):
+def config_value(config: dict, dotted: str) -> object:
     """The value at dotted key `dotted` of a plain config dict, or None."""
     for part in dotted.split("."):
         config = config.get(part) if isinstance(config, dict) else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from ..data import traits
 from ..version import __version__
@@ -12,7 +13,7 @@ from .config import Config, dump
 SD_VAE = "stabilityai/sd-vae-ft-mse"
 
 
-def pipeline_config(cfg: Config, sample_shape, num_classes: int, step: int | None, vae: str | None,
+def pipeline_config(cfg: Config, sample_shape: Sequence[int], num_classes: int, step: int | None, vae: str | None,
                     guidance: dict | None = None) -> dict:
     """What a reader of the folder needs without soflow: method, network, sample shape, classes,
     the guidance scales it honours (kind: input | trained | sampling, default, range of an input

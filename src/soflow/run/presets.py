@@ -9,6 +9,7 @@ with `extends: OTHER` is the preset OTHER with its own keys laid over it (`fmnis
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -31,7 +32,7 @@ class _NoAliases(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
-def safe_yaml(text: str):
+def safe_yaml(text: str) -> Any:
     """yaml.safe_load without aliases (a ConfigError naming the line when the text has one)."""
     return yaml.load(text, Loader=_NoAliases)  # noqa: S506 (a SafeLoader)
 

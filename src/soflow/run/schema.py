@@ -124,7 +124,7 @@ Config = dataclasses.make_dataclass("Config", [
 
 # ---------------------------------------------------------------- type checks
 
-def type_ok(value, tp) -> bool:
+def type_ok(value: object, tp: typing.Any) -> bool:
     """Whether `value` (read from YAML or `--set`) is of the annotated type `tp`: ints pass as floats,
     bools as neither, lists as tuples."""
     if tp is tuple:  # YAML has lists only
@@ -141,7 +141,7 @@ def type_ok(value, tp) -> bool:
     return isinstance(value, tp)
 
 
-def describe(tp) -> str:
+def describe(tp: typing.Any) -> str:
     """`tp` in words, for the one-line error of a value of the wrong type."""
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
              tuple: "a list", dict: "a mapping"}

@@ -23,6 +23,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Callable
 
 from ..errors import ConfigError
 
@@ -34,7 +35,7 @@ class RunLock:
 
     flag, holder = "--run-dir", "trainer"  # the option that names the place, and who holds it
 
-    def __init__(self, run_dir: str | Path, warn=print):
+    def __init__(self, run_dir: str | Path, warn: Callable[[str], None] = print):
         self.path = Path(run_dir) / LOCK_NAME
         self.warn = warn
         self._fd: int | None = None
@@ -114,7 +115,7 @@ class OutputLock(RunLock):
 
     flag, holder = "--out", "soflow sample"
 
-    def __init__(self, out: str | Path, warn=print):
+    def __init__(self, out: str | Path, warn: Callable[[str], None] = print):
         super().__init__(Path(out).parent, warn)
         self.out = Path(out)
         self.path = self.out.with_name(f".{self.out.name}.lock")

@@ -12,6 +12,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -67,7 +68,8 @@ def per_rank_batch(cfg: Config, world: int) -> int:
     return t.batch_size // (world * t.grad_accum)
 
 
-def train(cfg: Config, run_dir: str | Path, stop_after: int | None = None, on_step=None) -> dict:
+def train(cfg: Config, run_dir: str | Path, stop_after: int | None = None,
+          on_step: Callable[[int, SolutionFlow], None] | None = None) -> dict:
     """Train (or resume) the run in `run_dir`.  Returns {'step', 'stopped', 'export', 'samples'}.
 
     on_step(step, flow), if given, is called after every optimizer step (tests use it).

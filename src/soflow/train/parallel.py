@@ -7,6 +7,7 @@ to each shard) and checkpoints gather full state dicts on rank 0.
 from __future__ import annotations
 
 import contextlib
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -38,7 +39,7 @@ def wrap(net: nn.Module, ema_model: nn.Module, env: Env, fsdp: bool, compile: bo
     return torch.compile(call) if compile else call
 
 
-def no_sync(net_call: nn.Module, last: bool):
+def no_sync(net_call: nn.Module, last: bool) -> contextlib.AbstractContextManager[None]:
     """DDP's no_sync() for all but the last accumulation micro-step (a no-op context otherwise)."""
     ddp = getattr(net_call, "_orig_mod", net_call)  # through torch.compile's wrapper
     if last or not isinstance(ddp, DistributedDataParallel):
@@ -51,7 +52,7 @@ def is_sharded(net: nn.Module) -> bool:
     return isinstance(net, FSDPModule)
 
 
-def full_state(net: nn.Module, optimizer=None) -> tuple[dict, dict | None]:
+def full_state(net: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict | None]:
     """CPU state dicts of the whole model (and optimizer); a collective when sharded."""
     if not is_sharded(net):
         cpu = {k: v.detach().cpu() for k, v in net.state_dict().items()}
@@ -61,7 +62,7 @@ def full_state(net: nn.Module, optimizer=None) -> tuple[dict, dict | None]:
     return model, (get_optimizer_state_dict(net, optimizer, options=opts) if optimizer is not None else None)
 
 
-def load_optimizer(net: nn.Module, optimizer, state: dict) -> None:
+def load_optimizer(net: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load a full optimizer state dict into `optimizer`, sharded or not."""
     if not is_sharded(net):
         optimizer.load_state_dict(state)
@@ -85,7 +86,7 @@ def local_tensor(x: torch.Tensor) -> torch.Tensor:
     return x.full_tensor() if hasattr(x, "full_tensor") else x
 
 
-def average_gradients(params, env: Env) -> None:
+def average_gradients(params: Iterable[nn.Parameter], env: Env) -> None:
     """All-reduce mean of the gradients, for steps that did not go through DDP."""
     if not env.distributed:
         return

@@ -6,13 +6,16 @@ from pathlib import Path
 
 import torch
 
+from ..distributed import Env
 from ..pipeline import Pipeline
 from ..plots import image_grid, sample_title, scatter_panels
+from ..protocols import Dataset
 from ..writers import write_figure
 from . import parallel
+from .runlog import RunLog
 
 
-def write_previews(pipe: Pipeline, data, folder: Path, step: int, log, env) -> list[Path]:
+def write_previews(pipe: Pipeline, data: Dataset, folder: Path, step: int, log: RunLog, env: Env) -> list[Path]:
     """A scatter plot for 2-D data (data and every NFE side by side), an image grid per NFE (one row
     per class, at most 10) otherwise.  Sharded models sample on every rank; rank 0 writes."""
     if not (env.is_main or parallel.is_sharded(pipe.flow.net)):

@@ -12,11 +12,18 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from ..errors import ConfigError
 from ..plots import plural  # noqa: F401  (the trainer's modules take it from here)
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ..run.config import Config
 
 
 class _NoProgress:
@@ -69,7 +76,7 @@ class RunLog:
         if self.enabled:
             (self.run_dir / "config.yaml").write_text(text)
 
-    def start(self, cfg, step: int, net, device, world: int = 1):
+    def start(self, cfg: Config, step: int, net: nn.Module, device: torch.device, world: int = 1) -> tqdm | _NoProgress:
         """Print the run's first status line, before any step (the first metrics line can be minutes
         away), and return the progress bar of steps step..total."""
         t = cfg.train
@@ -80,11 +87,11 @@ class RunLog:
         self._total, self._clock = t.total_steps, (step, time.perf_counter())
         return self.progress(step, t.total_steps)
 
-    def samples(self, path) -> None:
+    def samples(self, path: str | Path) -> None:
         """Say where a sample figure was written (absolute: the run may have been started elsewhere)."""
         self.info(f"samples written to {Path(path).resolve()}")
 
-    def progress(self, start: int, total: int):
+    def progress(self, start: int, total: int) -> tqdm | _NoProgress:
         if not self.enabled or not sys.stderr.isatty():
             return _NoProgress()
         self._bar = tqdm(total=total, initial=start, dynamic_ncols=True, leave=False)

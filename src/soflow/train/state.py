@@ -3,6 +3,8 @@ and resuming from one, with the config's optimizer settings and what changed in 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .. import distributed
@@ -11,7 +13,9 @@ from ..run.checkpoint import run_state, save_checkpoint
 from ..run.config import Config
 from ..run.load import config_differences, config_value
 from ..seeding import derive_seed
+from ..solution import SolutionFlow
 from . import parallel
+from .ema import EMA
 from .runlog import RunLog, plural
 
 
@@ -30,7 +34,8 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def resume(cfg: Config, env, log: RunLog, optimizer, resumed: dict, flow) -> int:
+def resume(cfg: Config, env: distributed.Env, log: RunLog, optimizer: torch.optim.Optimizer, resumed: dict,
+           flow: SolutionFlow) -> int:
     """Optimizer state, step and this rank's random state from the checkpoint; returns the step."""
     applied = []
     before = str(config_value(resumed["config"], "train.optimizer") or cfg.train.optimizer).lower()
@@ -64,7 +69,7 @@ def resume(cfg: Config, env, log: RunLog, optimizer, resumed: dict, flow) -> int
 CONFIGURED = ("lr", "betas", "weight_decay", "decoupled_weight_decay")
 
 
-def apply_optimizer_settings(optimizer) -> list[str]:
+def apply_optimizer_settings(optimizer: torch.optim.Optimizer) -> list[str]:
     """Put the settings the optimizer was built with (the config's) back into every parameter
     group once its state is loaded: load_state_dict restores the values the checkpoint was saved
     with, so a resume with changed settings would silently keep the old ones.  Returns
@@ -87,7 +92,8 @@ def config_changes(old: dict, new: dict, shown: int = 4) -> str:
     return said + (f" (and {len(keys) - shown} more)" if len(keys) > shown else "")
 
 
-def save_run_state(env, run_dir, cfg, flow, ema, optimizer, step) -> None:
+def save_run_state(env: distributed.Env, run_dir: Path, cfg: Config, flow: SolutionFlow, ema: EMA,
+                   optimizer: torch.optim.Optimizer, step: int) -> None:
     """Save a checkpoint of model, EMA, optimizer and every rank's RNG state at `step` (a collective)."""
     rng = distributed.all_gather_objects(env, rng_state(env.device))
     net_state, optimizer_state = parallel.full_state(flow.net, optimizer)

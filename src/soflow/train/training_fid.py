@@ -49,10 +49,14 @@ from ..eval.fid import frechet_distance, load_stats, metric_name
 from ..eval.inception import InceptionFeatures
 from ..pipeline import Pipeline
 from ..plots import to_uint8
+from ..protocols import Dataset
 from ..run.build import solution_flow
 from ..run.checkpoint import best_fid_paths, read_best_fid, run_state, save_best_fid
+from ..run.config import Config
 from ..solution import SolutionFlow
 from . import parallel
+from .ema import EMA
+from .runlog import RunLog
 
 
 class TrainingFID:
@@ -60,7 +64,7 @@ class TrainingFID:
     or unusable one stops the run at once (EvalError, one line naming the config key).  The loop
     then calls `evaluate(step, flow, ema)` on every rank at the steps where `due(step, total)`."""
 
-    def __init__(self, cfg, data, env, run_dir, log):
+    def __init__(self, cfg: Config, data: Dataset, env: distributed.Env, run_dir: str | Path, log: RunLog):
         t = cfg.train
         self.cfg, self.env, self.run_dir, self.log = cfg, env, Path(run_dir), log
         self.every, self.num, self.nfes, self.batch_size = t.fid_every, t.fid_num, list(t.fid_nfe), t.fid_batch_size
@@ -109,7 +113,7 @@ class TrainingFID:
     def due(self, step: int, total_steps: int) -> bool:
         return step % self.every == 0 or step == total_steps
 
-    def evaluate(self, step: int, flow, ema) -> dict[str, float]:
+    def evaluate(self, step: int, flow: SolutionFlow, ema: EMA) -> dict[str, float]:
         """Score the EMA network (a collective: every rank calls it), log fid_nfeK to the run's
         metrics, and keep checkpoints/best-fid.pt when the first NFE's score is the best so far."""
         started = time.perf_counter()
