@@ -78,7 +78,7 @@ def _round_store(rank: int, world: int) -> dict:
     return {"store": dist.PrefixStore(f"soflow/round-{token}/", store), "rank": rank, "world_size": world}
 
 
-def round_token(store, rank: int, world: int, timeout: float = ROUND_TIMEOUT.total_seconds()) -> str:
+def round_token(store: dist.Store, rank: int, world: int, timeout: float = ROUND_TIMEOUT.total_seconds()) -> str:
     """A token that every rank of this round gets and no earlier round used, through a store
     that may hold any round's keys.  Rank 0 draws it; rank r sends a fresh nonce and takes the
     token only from a reply that quotes that nonce; rank 0 goes on once each rank acknowledges
@@ -127,7 +127,7 @@ def teardown(env: Env) -> None:
         dist.destroy_process_group()
 
 
-def all_gather_objects(env: Env, obj) -> list:
+def all_gather_objects(env: Env, obj: object) -> list:
     """Every rank's `obj`, in rank order, on every rank (a collective)."""
     if not env.distributed:
         return [obj]

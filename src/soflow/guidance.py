@@ -25,6 +25,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .protocols import Objective
 
 KINDS = ("input", "trained", "sampling")
 
@@ -81,7 +85,7 @@ def cfg_problem(conditional: bool, null_class: bool) -> str | None:
     return None
 
 
-def scales_of(loss, section: str) -> GuidanceScales:
+def scales_of(loss: Objective, section: str) -> GuidanceScales:
     """The scales of a model trained with `loss` (a method's config section, named `section`):
     losses with built-in guidance say so through `built_in_guidance()` -> (scale, setting) and a
     `guidance_range` field with `default_guidance()`, the scale sampled by default; the others are

@@ -24,7 +24,7 @@ from .objectives.meanflow import MeanFlowLoss, check_meanflow_guidance
 from .objectives.shortcut import ShortcutLoss
 from .objectives.soflow import SoFlowLoss, check_labels_for_guidance
 from .protocols import Objective
-from .sampling import ODE_METHODS, ode_sample, sample
+from .sampling import ODE_METHODS, Labels, ode_sample, sample
 from .solution import SolutionFlow
 
 
@@ -57,7 +57,7 @@ class Method:
             return ode_sample(model, n, nfe, method=mode, **kw)
         return sample(model, n, nfe, mode=mode, **kw)
 
-    def sample_chunks(self, model: SolutionFlow, first: int, last: int, nfe: int, *, labels=None,
+    def sample_chunks(self, model: SolutionFlow, first: int, last: int, nfe: int, *, labels: Labels = None,
                       batch_size: int = 256, **kw) -> Iterator[Tensor]:
         """`sample` for indices [first, last), one batch at a time (memory stays at one batch).
         labels: None, one class id, or one id per sample of [first, last)."""

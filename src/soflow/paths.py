@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
+from .protocols import NoisingPath
 
 HALF_PI = math.pi / 2
 
@@ -135,13 +136,13 @@ def make_parameterization(name: str) -> EulerParameterization | TrigParameteriza
     return _lookup(PARAMETERIZATIONS, name, "parameterization")
 
 
-def interpolate(path, x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
+def interpolate(path: NoisingPath, x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
     """Eq. (1): the noisy sample x_t; t has shape [B]."""
     t = expand_as_rows(t, x0)
     return path.alpha(t) * x0 + path.beta(t) * x1
 
 
-def conditional_velocity(path, x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
+def conditional_velocity(path: NoisingPath, x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
     """d x_t / d t along (1) for a fixed pair (x0, x1)."""
     t = expand_as_rows(t, x0)
     return path.d_alpha(t) * x0 + path.d_beta(t) * x1

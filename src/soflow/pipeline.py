@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -23,15 +23,22 @@ from .data import traits
 from .data.vae import decode as decode_latents
 from .data.vae import load_vae
 from .errors import CheckpointError, ConfigError, DataError
+from .guidance import GuidanceScales
 from .methods import Method, method
 from .plots import image_grid, scatter_panels, to_uint8
 from .run.build import guidance_scales as config_guidance_scales
 from .run.build import guided_training
 from .run.checkpoint import export_safetensors
+from .run.config import Config
 from .run.load import load_run
 from .run.model_card import model_card, pipeline_config
+from .sampling import Labels
 from .sampling import guidance_problem as sampler_guidance_problem
 from .solution import SolutionFlow
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+    from PIL import Image
 
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, GRID_FILE = "config.json", "model.safetensors", "README.md", "samples.png"
 
@@ -39,8 +46,8 @@ CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, GRID_FILE = "config.json", "model.safetens
 class Pipeline:
     """A SolutionFlow with its training config: `pipe(num, nfe, ...)` draws samples."""
 
-    def __init__(self, flow: SolutionFlow, config, step: int | None = None, vae: str | None = None,
-                 vae_model=None):
+    def __init__(self, flow: SolutionFlow, config: Config, step: int | None = None, vae: str | None = None,
+                 vae_model: AutoencoderKL | None = None):
         """`vae`: the SD-VAE folder of a latent model (default: the run's data.vae); `vae_model`: one
         already loaded."""
         self.flow = flow  # sampling switches it to eval mode and back
@@ -54,7 +61,7 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, source: str | Path, *, weights: str = "ema", device: str | torch.device = "cpu",
-                        vae: str | None = None, warn=print) -> Pipeline:
+                        vae: str | None = None, warn: Callable[[str], None] = print) -> Pipeline:
         """Open a folder written by `save_pretrained` (safetensors only), a run folder (its newest
         checkpoint), a checkpoint file or a safetensors export.  `vae` replaces the run's data.vae.
 
@@ -124,7 +131,7 @@ class Pipeline:
         return traits(self.config.data.name).latent
 
     @property
-    def guidance_scales(self):
+    def guidance_scales(self) -> GuidanceScales:
         """The guidance scales this model honours (soflow.guidance.GuidanceScales)."""
         return config_guidance_scales(self.config)
 
@@ -144,8 +151,9 @@ class Pipeline:
             raise ConfigError(f"guidance {guidance}: {problem}")
         return self.guidance_scales.sampler_scale(guidance)
 
-    def __call__(self, num: int = 1, nfe: int = 1, *, labels=None, seed: int = 0, guidance: float | None = None,
-                 mode: str | None = None, output: str = "pil", batch_size: int = 256):
+    def __call__(self, num: int = 1, nfe: int = 1, *, labels: Labels = None, seed: int = 0,
+                 guidance: float | None = None, mode: str | None = None, output: str = "pil",
+                 batch_size: int = 256) -> list[Image.Image] | Tensor:
         """`num` samples with `nfe` steps each: one network evaluation a step, except Heun's method
         (mode="heun", flow matching), which spends 2 nfe - 1 (soflow.sampling.evaluations).
 
@@ -183,7 +191,7 @@ class Pipeline:
             yield self.decode(x) if decode else x
 
     @property
-    def vae(self):
+    def vae(self) -> AutoencoderKL:
         """The SD-VAE of a latent model, loaded on first use (one line if it cannot be)."""
         if self._vae is None and not self.vae_path and self._unfollowed_vae:
             raise DataError(f"the model's data.vae {self._unfollowed_vae} is not followed: a downloaded model "
@@ -203,7 +211,7 @@ class Pipeline:
 NETWORK_KEYS = ("method", "network", "network_args", "path", "parameterization", "sample_shape", "num_classes", "data")
 
 
-def pipeline_info(cfg, flow: SolutionFlow, step: int | None, vae: str | None = None,
+def pipeline_info(cfg: Config, flow: SolutionFlow, step: int | None, vae: str | None = None,
                   guidance: dict | None = None) -> dict:
     """The config.json of a pipeline of `flow` trained with `cfg` (`guidance`: the scales it honours)."""
     return pipeline_config(cfg, flow.net.sample_shape, flow.num_classes, step, vae, guidance)

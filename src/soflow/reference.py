@@ -18,7 +18,7 @@ from .nets import DiT, SongUNet, build, canonical_name
 from .nets.registry import load_into  # noqa: F401  (part of this module's API)
 from .run.build import build_flow, build_optimizer
 from .run.checkpoint import FORMAT, atomic_save, checkpoint_dir, run_state
-from .run.config import dump, load
+from .run.config import Config, dump, load
 from .run.reference_yaml import REFERENCE_SAMPLES
 from .safeload import load_torch
 from .sit import load_sit_network  # noqa: F401
@@ -126,7 +126,7 @@ HYPERPARAMETERS = {"lr": "train.lr (learning_rate in a reference YAML)", "betas"
                    "weight_decay": "train.weight_decay", "eps": None, "amsgrad": None, "maximize": None}
 
 
-def convert_optimizer(state, net: nn.Module, reference_order: list[str], cfg, source: str) -> dict:
+def convert_optimizer(state: object, net: nn.Module, reference_order: list[str], cfg: Config, source: str) -> dict:
     """A reference optimizer state_dict as soflow's optimizer over `net.parameters()` saves it.
 
     The reference optimizes `network.parameters()`, so its state is keyed by each parameter's

@@ -14,6 +14,7 @@ import pickle
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -65,7 +66,7 @@ def _check_torch_head(path: Path) -> None:
         raise UnreadableFile("not a torch file (it starts with neither a zip nor a pickle header)")
 
 
-def load_torch(path: str | Path, mmap: bool = False, allow: tuple[type, ...] = ()):
+def load_torch(path: str | Path, mmap: bool = False, allow: tuple[type, ...] = ()) -> Any:
     """``torch.load(path, map_location='cpu', weights_only=True)``; any failure is
     :class:`UnreadableFile` with a one-line reason.  mmap=True maps the tensors instead of reading
     them (for files opened only for their plain values).  `allow` names plain data classes the

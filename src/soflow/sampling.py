@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +42,8 @@ Labels = int | Sequence[int] | np.ndarray | Tensor | None
 Device = str | torch.device | None
 
 
-def draw_inputs(shape: tuple, draws: int, num_classes: int, seed: int, indices) -> tuple[Tensor, Tensor | None]:
+def draw_inputs(shape: tuple, draws: int, num_classes: int, seed: int,
+                indices: Iterable[int]) -> tuple[Tensor, Tensor | None]:
     """Noise [n, draws, *shape] and (for class-conditional models) a random label per sample, all
     from the sample's own generator: renoise sampling draws nfe noises, chain and ODE sampling one."""
     noise, labels = [], []
@@ -150,7 +151,7 @@ def run_sampler(model: SolutionFlow, noise: Tensor, nfe: int, labels: Tensor | N
 
 
 @contextlib.contextmanager
-def eval_mode(module: torch.nn.Module):
+def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Context manager: `module` in eval mode inside, its former mode restored after."""
     was = module.training
     module.eval()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -40,13 +41,13 @@ OUTPUT = ("final_layer.linear.weight", "final_layer.linear.bias")
 GAP_OUT = ("s_embedder.mlp.2.weight", "s_embedder.mlp.2.bias")
 
 
-def is_sit_state(state) -> bool:
+def is_sit_state(state: object) -> bool:
     """A SiT network state dict: DiT names without the gap embedder."""
     return (isinstance(state, dict) and all(isinstance(state.get(k), Tensor) for k in SIT_KEYS)
             and not any(str(k).startswith("s_embedder.") for k in state))
 
 
-def sit_state_of(blob, source: str) -> dict[str, Tensor] | None:
+def sit_state_of(blob: Any, source: str) -> dict[str, Tensor] | None:
     """SiT's network tensors in a loaded file, or None if it is no SiT file: the released bare state
     dict, or the EMA weights of train.py's {'model', 'ema', 'opt', 'args'}."""
     if is_sit_state(blob):

@@ -41,7 +41,7 @@ class SolutionFlow(nn.Module):
     def num_classes(self) -> int:
         return getattr(self.net, "num_classes", 0) or 0
 
-    def forward(self, x: Tensor, t, s, labels: Tensor | None = None,
+    def forward(self, x: Tensor, t: float | Tensor, s: float | Tensor, labels: Tensor | None = None,
                 augment_labels: Tensor | None = None) -> Tensor:
         """f(x, t, s): the state at time s of the ODE trajectory through x at time t (s <= t)."""
         t, s = self._times(x, t, "t"), self._times(x, s, "s")
@@ -52,7 +52,7 @@ class SolutionFlow(nn.Module):
 
     solution = forward
 
-    def velocity(self, x: Tensor, t, labels: Tensor | None = None,
+    def velocity(self, x: Tensor, t: float | Tensor, labels: Tensor | None = None,
                  augment_labels: Tensor | None = None) -> Tensor:
         """v(x, t) = d_s f(x, t, s) at s = t."""
         t = self._times(x, t, "t")

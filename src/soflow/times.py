@@ -17,14 +17,16 @@ GUIDANCE_DECAY_RATE = 0.025  # k in g(t), fixed by the reference recipe
 SCHEDULES = ("const", "linear", "cosine", "exponent")
 
 
-def logit_normal(n: int, mean: float, std: float, *, device=None, generator=None) -> Tensor:
+def logit_normal(n: int, mean: float, std: float, *, device: torch.device | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
     """sigmoid(N(mean, std^2)) samples in (0, 1)."""
     z = torch.randn(n, device=device, generator=generator)
     return torch.sigmoid(z * std + mean)
 
 
 def consistency_times(n: int, s_mean: float, s_std: float, t_mean: float, t_std: float,
-                      ratio: float, *, device=None, generator=None) -> tuple[Tensor, Tensor, Tensor]:
+                      ratio: float, *, device: torch.device | None = None,
+                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Draw s < l < t for the solution-consistency loss.
 
     t = max(sigmoid(N(t_mean, t_std)), 1e-4) and s = min(sigmoid(N(s_mean, s_std)), t - 1e-4):

@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ PLOT_BYTES = 1 << 31  # a .png figure loads its samples whole, as float32: at mo
 OUT_NAME_EXTRA = len("..0123456789ab.part0000.npy")
 
 
-def output_kind(out: Path, sample_shape) -> str:
+def output_kind(out: Path, sample_shape: tuple[int, ...]) -> str:
     """'npz' | 'npy' | 'png' | 'folder' for --out, or ValueError if it cannot hold these samples."""
     images = len(sample_shape) == 3
     suffix = out.suffix.lower()
@@ -62,7 +63,7 @@ class SampleOutput:
     """One output of `num` samples written by `world` ranks.  `token`, the same on every rank and
     unique to the invocation, names the temporary files next to the output."""
 
-    def __init__(self, out, sample_shape, num: int, world: int, batch_size: int, token: str,
+    def __init__(self, out: str | Path, sample_shape: Sequence[int], num: int, world: int, batch_size: int, token: str,
                  title: str | None = None):
         if num < 1:
             raise ConfigError(f"--num must be >= 1, got {num}")
@@ -121,7 +122,7 @@ class SampleOutput:
             raise ConfigError(f"--out {self.out}: {self.num} samples need about {_size(need)} while it is written, and "
                               f"{self.out.parent} has {_size(free)} free; lower --num or choose another place")
 
-    def writer(self, rank: int):
+    def writer(self, rank: int) -> _PartFile | _PngFiles:
         """The object that takes this rank's samples, chunk by chunk, in index order."""
         first, last = self.range(rank)
         if self.kind == "folder":
@@ -283,7 +284,7 @@ class _PngFiles:
 
 
 @contextlib.contextmanager
-def failed_writes_as_errors(path):
+def failed_writes_as_errors(path: str | Path) -> Iterator[None]:
     """An OSError while writing `path` (a full disk, a missing permission) as one ConfigError line,
     which the command line prints as it is."""
     try:
@@ -292,7 +293,7 @@ def failed_writes_as_errors(path):
         raise ConfigError(f"could not write {path}: {e.strerror or e}") from None
 
 
-def write_figure(path: str | Path, draw, *args, **kwargs) -> Path:
+def write_figure(path: str | Path, draw: Callable[..., object], *args, **kwargs) -> Path:
     """`draw(file, *args, **kwargs)` (a figure function of soflow.plots) into a temporary file next
     to `path`, then renamed over it, so a figure is never seen half-written.  The temporary name
     keeps the suffix, from which PIL and matplotlib choose the format.  An OSError is one line."""

@@ -15,6 +15,7 @@ run forward-mode differentiation (`torch.func.jvp`, MeanFlow) inside `math_atten
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager
 
 import numpy as np
 import torch
@@ -117,7 +118,7 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-def math_attention():
+def math_attention() -> AbstractContextManager[None]:
     """Context manager restricting `scaled_dot_product_attention` to its math backend.
 
     The math path is composed of ordinary ops and so supports forward-mode AD (`torch.func.jvp`),
@@ -232,7 +233,7 @@ class DiT(nn.Module):
     def null_label(self) -> int:
         return self.num_classes
 
-    def initialize_weights(self):
+    def initialize_weights(self) -> None:
         """DiT initialization: xavier linears, zeroed adaLN and output, so F = 0 at the start.
 
         The gap embedder keeps its xavier init, as in the reference recipe.

@@ -9,6 +9,7 @@ projections match the reference checkpoints.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,7 @@ class Conv2d(nn.Module):
     """Convolution with optional 2x FIR up/down-sampling (filter applied before the kernel)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int, bias: bool = True,
-                 up: bool = False, down: bool = False, resample_filter=(1, 1),
+                 up: bool = False, down: bool = False, resample_filter: Sequence[float] = (1, 1),
                  init_mode: str = "kaiming_normal", init_weight: float = 1.0, init_bias: float = 0.0):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -88,7 +89,7 @@ class UNetBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, up: bool = False,
                  down: bool = False, attention: bool = False, dropout: float = 0.0,
-                 resample_filter=(1, 1), eps: float = 1e-6):
+                 resample_filter: Sequence[float] = (1, 1), eps: float = 1e-6):
         super().__init__()
         xavier = dict(init_mode="xavier_uniform")
         zero = dict(init_mode="xavier_uniform", init_weight=1e-5)
@@ -150,9 +151,9 @@ class SongUNet(nn.Module):
 
     def __init__(self, img_resolution: int = 32, in_channels: int = 3, out_channels: int = 3,
                  label_dim: int = 0, augment_dim: int = 6, model_channels: int = 128,
-                 channel_mult=(2, 2, 2), channel_mult_emb: int = 4, num_blocks: int = 4,
-                 attn_resolutions=(16,), dropout: float = 0.30, channel_mult_noise: int = 2,
-                 resample_filter=(1, 3, 3, 1)):
+                 channel_mult: Sequence[int] = (2, 2, 2), channel_mult_emb: int = 4, num_blocks: int = 4,
+                 attn_resolutions: Sequence[int] = (16,), dropout: float = 0.30, channel_mult_noise: int = 2,
+                 resample_filter: Sequence[float] = (1, 3, 3, 1)):
         super().__init__()
         self.img_resolution, self.in_channels, self.out_channels = img_resolution, in_channels, out_channels
         self.num_classes = label_dim

@@ -206,7 +206,7 @@ class MeanFlowLoss:
         """The scale sampled by default: omega / (1 - kappa) of the configured omega and kappa."""
         return self.omega / (1 - self.kappa) if self.kappa != 1 else math.inf
 
-    def row_scales(self, n: int, cfg_mask: Tensor | None, device) -> Tensor | None:
+    def row_scales(self, n: int, cfg_mask: Tensor | None, device: torch.device | None) -> Tensor | None:
         """Each row's guidance scale (None unless guidance_range is set); dropped labels get w = 1."""
         return row_scales(self.guidance_range, self.guidance_distribution, n, cfg_mask, device)
 
@@ -230,7 +230,8 @@ class MeanFlowLoss:
             return int(self.ratio_r_neq_t * n)
         return n if self.moving_step(step) else 0
 
-    def sample_times(self, n: int, device=None, generator=None, step: int = 0) -> tuple[Tensor, Tensor]:
+    def sample_times(self, n: int, device: torch.device | None = None, generator: torch.Generator | None = None,
+                     step: int = 0) -> tuple[Tensor, Tensor]:
         """(t, r): the max and min of two logit-normal draws; rows from `rows_keeping_r` on get r = t."""
         a = logit_normal(n, self.time_mean, self.time_std, device=device, generator=generator)
         b = logit_normal(n, self.time_mean, self.time_std, device=device, generator=generator)

@@ -10,17 +10,24 @@ input, one forward per step (soflow.guidance, kind "input").
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
 from ..data import traits
 from . import checks
 
+if TYPE_CHECKING:
+    from .meanflow import MeanFlowLoss
+    from .soflow import SoFlowLoss
+
 GUIDANCE_DISTRIBUTIONS = ("uniform", "log-uniform")
 
 
 def drop_labels(labels: Tensor | None, rate: float, num_classes: int,
-                device=None) -> tuple[Tensor | None, Tensor | None]:
+                device: torch.device | None = None) -> tuple[Tensor | None, Tensor | None]:
     """Label dropout for classifier-free guidance: (labels, mask) with each label replaced by the
     null class (id num_classes) with probability `rate`, and mask True where it was.  One draw of
     torch.rand(B) on `device`; no draw, and (labels, None), without labels or when rate is 0."""
@@ -43,7 +50,7 @@ def call_net(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, labels: Tensor | N
     return net(x, t, s, labels, augment_labels, guidance=w)
 
 
-def draw_scales(n: int, low: float, high: float, distribution: str, device=None) -> Tensor:
+def draw_scales(n: int, low: float, high: float, distribution: str, device: torch.device | None = None) -> Tensor:
     """n guidance scales on [low, high]: w = low + (high - low) u ("uniform") or
     w = low (high / low)^u ("log-uniform", as many draws in [1, 2] as in [2, 4]), u ~ U(0, 1)."""
     u = torch.rand(n, device=device)
@@ -52,7 +59,8 @@ def draw_scales(n: int, low: float, high: float, distribution: str, device=None)
     return low + (high - low) * u
 
 
-def row_scales(w_range, distribution: str, n: int, cfg_mask: Tensor | None, device) -> Tensor | None:
+def row_scales(w_range: Sequence[float] | None, distribution: str, n: int, cfg_mask: Tensor | None,
+               device: torch.device | None) -> Tensor | None:
     """Each row's guidance scale drawn on `w_range` (None, and no draw, when it is None); rows whose
     label was dropped (cfg_mask) get w = 1."""
     if w_range is None:
@@ -61,7 +69,7 @@ def row_scales(w_range, distribution: str, n: int, cfg_mask: Tensor | None, devi
     return w if cfg_mask is None else torch.where(cfg_mask, torch.ones_like(w), w)
 
 
-def check_range(w_range, distribution: str, default: float, default_key: str, default_text: str,
+def check_range(w_range: Sequence[float] | None, distribution: str, default: float, default_key: str, default_text: str,
                 one_scale: str) -> None:
     """guidance_distribution known; a guidance_range [w_lo, w_hi] with 1 <= w_lo < w_hi that holds
     `default`, the scale sampled by default (ValueError naming `default_key`, described in the
@@ -80,7 +88,7 @@ def check_range(w_range, distribution: str, default: float, default_key: str, de
                          f"default and must lie in the range, got {default:g}")
 
 
-def check_labels(loss, has_labels: bool, data_name: str, key: str) -> None:
+def check_labels(loss: SoFlowLoss | MeanFlowLoss, has_labels: bool, data_name: str, key: str) -> None:
     """guidance_range needs labels and label dropout: the guided target uses the model's null-label
     velocity, which only the label-dropped rows train.  `key` prefixes the setting names."""
     w_range = list(loss.guidance_range)

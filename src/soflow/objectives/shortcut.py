@@ -48,7 +48,7 @@ class ShortcutLoss:
         if not isinstance(self.max_steps, int) or self.max_steps < 2 or self.max_steps & (self.max_steps - 1):
             raise ValueError(f"max_steps: must be a power of 2 from 2 up, got {self.max_steps!r}")
 
-    def sample_steps(self, n: int, device=None) -> tuple[Tensor, Tensor]:
+    def sample_steps(self, n: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
         """(t, d) for n consistency rows: d = 2^-k, k uniform in 1 .. log2(M); t = j d with j
         uniform in 2 .. 1/d, so that both chained steps stay inside [0, 1]."""
         levels = int(math.log2(self.max_steps))

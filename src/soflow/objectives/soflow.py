@@ -147,7 +147,7 @@ class SoFlowLoss:
     def built_in_guidance(self) -> tuple[float, str]:
         return self.cfg_scale, "cfg_scale"
 
-    def row_scales(self, n: int, cfg_mask: Tensor | None, device) -> Tensor | None:
+    def row_scales(self, n: int, cfg_mask: Tensor | None, device: torch.device | None) -> Tensor | None:
         """Each row's guidance scale (None unless guidance_range is set); dropped labels get w = 1."""
         return row_scales(self.guidance_range, self.guidance_distribution, n, cfg_mask, device)
 
@@ -176,7 +176,8 @@ class SoFlowLoss:
         velocity_loss, consistency_loss, stats = self.losses(flow, fm, cons, net)
         return (n_v / b) * velocity_loss + ((b - n_v) / b) * consistency_loss, stats
 
-    def losses(self, flow: SolutionFlow, fm: Rows, cons: Rows, net: nn.Module | None = None):
+    def losses(self, flow: SolutionFlow, fm: Rows, cons: Rows,
+               net: nn.Module | None = None) -> tuple[Tensor, Tensor, dict]:
         """L_FM on the rows `fm` and L_cons on the rows `cons` (either may be empty).
 
         `net` (default flow.net) is what gets called: a DDP, FSDP or compiled wrapper of flow.net.
