@@ -7,4 +7,4 @@ from .sampling import sample
 from .solution import SolutionFlow
 from .version import __version__
 
-__all__ = ["Pipeline", "SoflowError", "SolutionFlow", "nets", "sample"]
+__all__ = ["Pipeline", "SoflowError", "SolutionFlow", "__version__", "nets", "sample"]
