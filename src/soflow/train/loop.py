@@ -23,7 +23,7 @@ from ..data.stream import batches
 from ..errors import ConfigError, TrainingError
 from ..methods import method
 from ..pipeline import Pipeline
-from ..protocols import Objective
+from ..protocols import Dataset, Objective
 from ..run.build import AUTOCAST, build_flow, build_objective, build_optimizer, solution_flow
 from ..run.checkpoint import export_safetensors, latest_checkpoint, remove_stale_temporaries
 from ..run.config import Config, dump
@@ -109,7 +109,7 @@ class Run:
     env: distributed.Env
     run_dir: Path
     log: RunLog
-    data: object
+    data: Dataset
     fid: TrainingFID | None
     flow: object  # SolutionFlow; flow.net is the bare (possibly sharded) network
     ema: EMA
