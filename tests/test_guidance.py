@@ -16,7 +16,7 @@ from soflow.eval.fid import metric_name
 from soflow.guidance import GuidanceScales
 from soflow.nets import build
 from soflow.objectives import Rows, SoFlowLoss
-from soflow.objectives.soflow import draw_scales
+from soflow.objectives.scales import draw_scales
 from soflow.run.build import build_flow, guidance_scales
 from soflow.run.checkpoint import export_safetensors
 from soflow.run.config import load
@@ -216,15 +216,22 @@ def test_scales_each_kind_of_model_honours():
     assert metric_name(1) == "fid_nfe1" and metric_name(2, 1.5) == "fid_nfe2_w1.5"
 
 
-def test_scales_a_model_cannot_honour_are_refused_in_one_line(fixed_and_conditioned):
+def check_scales_refused(fixed_and_conditioned, built_in):
+    """A fixed-scale model refuses another scale (naming its setting `built_in`); a model trained on
+    [1, 4] refuses scales outside it and non-numbers: each in one line starting `guidance W: `."""
     (cfg, fixed), (ccfg, cond) = fixed_and_conditioned
-    for pipe, w, needle in ((Pipeline(fixed, cfg), 3.0, "built in by training (objective.cfg_scale)"),
+    for pipe, w, needle in ((Pipeline(fixed, cfg), 3.0, f"built in by training ({built_in})"),
                             (Pipeline(cond, ccfg), 4.5, "trained on [1, 4]"),
                             (Pipeline(cond, ccfg), 0.5, "trained on [1, 4]"),
                             (Pipeline(cond, ccfg), float("nan"), "finite number")):
         with pytest.raises(ConfigError) as e:
             pipe.sample(2, 1, guidance=w)
         assert str(e.value).startswith(f"guidance {w}: ") and needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_scales_a_model_cannot_honour_are_refused_in_one_line(fixed_and_conditioned):
+    check_scales_refused(fixed_and_conditioned, "objective.cfg_scale")
+    (cfg, fixed), (ccfg, cond) = fixed_and_conditioned
     assert torch.equal(Pipeline(fixed, cfg).sample(2, 1, guidance=2.0), Pipeline(fixed, cfg).sample(2, 1))
     with pytest.raises(ValueError, match="takes the guidance scale w as an input"):
         cond.net(torch.randn(1, *SHAPE), torch.ones(1), torch.zeros(1), torch.zeros(1, dtype=torch.long))

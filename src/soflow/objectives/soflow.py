@@ -19,7 +19,6 @@ from ..solution import SolutionFlow
 from ..times import SCHEDULES, consistency_times, guidance_decay, logit_normal, middle_ratio
 from . import checks
 from .scales import call_net, check_labels, check_range, drop_labels, row_scales
-from .scales import GUIDANCE_DISTRIBUTIONS, draw_scales  # noqa: F401  (shared with MeanFlow: objectives.scales)
 
 
 @dataclass
